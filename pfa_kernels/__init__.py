@@ -1,0 +1,27 @@
+"""pfa_kernels: Product Feedback Alignment layers at the cost of backpropagation.
+
+    import pfa_kernels as pk
+    layer = pk.PFAConv2d(64, 128, 3, padding=1, expand_ratio=10)
+    model = pk.convert(torchvision.models.resnet18())
+    pk.metrics.report(model)
+"""
+
+from . import functional, metrics, planner, reference
+from .convert import ConversionRecord, convert
+from .feedback import PFAFeedback
+from .nn import PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
+
+__all__ = [
+    "ConversionRecord",
+    "PFAConv1d",
+    "PFAConv2d",
+    "PFAConv3d",
+    "PFAFeedback",
+    "PFALinear",
+    "convert",
+    "functional",
+    "metrics",
+    "planner",
+    "reference",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,149 @@
+"""The PFA backward in pure PyTorch: runs on any device, and is the baseline the other backends beat.
+
+No forward pass through R is ever run: the mid error's shape follows from the output's. Both
+orders of DESIGN.md section 2.2 are here; the planner (planner.py) says which one a call takes.
+
+Shapes (groups G; a linear layer has no kernel or spatial dims and any leading dims in x):
+
+    grad_output (N, C_out, *out_spatial)     x (N, C_in, *spatial)
+    weight (C_out, C_in/G, *kernel)          B (C_out, C_mid)        R (C_mid, C_in/G, *kernel)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..planner import Plan
+
+
+def feedback_product(B: torch.Tensor, R: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """W_fb = B·R contracted over C_mid: (C_out, C_in, *kernel), dense over groups (DESIGN §2.3).
+
+    B (C_out, C_mid), R (C_mid, C_in/groups, *kernel). For groups = 1 this is one GEMM of
+    C_out x C_mid x |R|/C_mid; for groups > 1, one batched GEMM per group.
+    """
+    out_channels, mid_channels = B.shape
+    mid_per_group = mid_channels // groups
+    B_by_group = B.reshape(out_channels, groups, mid_per_group).transpose(0, 1)  # (G, C_out, C_mid/G)
+    R_by_group = R.reshape(groups, mid_per_group, -1)                            # (G, C_mid/G, K)
+    dense = torch.bmm(B_by_group, R_by_group)                                    # (G, C_out, K)
+    in_per_group = R.shape[1]
+    dense = dense.reshape(groups, out_channels, in_per_group, *R.shape[2:]).transpose(0, 1)
+    return dense.reshape(out_channels, groups * in_per_group, *R.shape[2:])
+
+
+def feedback_grad_from_correlation(B: torch.Tensor, correlation: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """dL/dR = B^T contracted with the dense output/input correlation (DESIGN §2.3).
+
+    B (C_out, C_mid); correlation (C_out, C_in, *kernel) = conv_weight(x, g) with groups = 1, which
+    for groups = 1 is dL/dW itself. Returns (C_mid, C_in/groups, *kernel).
+    """
+    out_channels, mid_channels = B.shape
+    mid_per_group = mid_channels // groups
+    in_per_group = correlation.shape[1] // groups
+    B_by_group = B.reshape(out_channels, groups, mid_per_group).permute(1, 2, 0)           # (G, C_mid/G, C_out)
+    corr_by_group = correlation.reshape(out_channels, groups, -1).transpose(0, 1)       # (G, C_out, K)
+    grad = torch.bmm(B_by_group, corr_by_group)                                          # (G, C_mid/G, K)
+    return grad.reshape(mid_channels, in_per_group, *correlation.shape[2:])
+
+
+def weight_grad_from_correlation(correlation: torch.Tensor, groups: int) -> torch.Tensor:
+    """dL/dW of a grouped conv: the diagonal (group j, group j) blocks of the dense correlation.
+
+    correlation (C_out, C_in, *kernel). Returns (C_out, C_in/groups, *kernel).
+    """
+    out_channels, in_channels = correlation.shape[:2]
+    blocks = correlation.reshape(groups, out_channels // groups, groups, in_channels // groups, -1)
+    diagonal = torch.diagonal(blocks, dim1=0, dim2=2)  # (C_out/G, C_in/G, K, G)
+    return diagonal.permute(3, 0, 1, 2).reshape(out_channels, in_channels // groups, *correlation.shape[2:])
+
+
+def mid_error(grad_output: torch.Tensor, B: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """g_mid = B^T g at every position: grad_output with C_out channels at channel_dim -> C_mid."""
+    return torch.matmul(grad_output.movedim(channel_dim, -1), B).movedim(-1, channel_dim)
+
+
+def linear_backward(grad_output, x, weight, B, R, plan: Plan, need_input, need_weight, need_bias, need_feedback):
+    """Gradients of a PFA linear layer: (dL/dx, dL/dW, dL/db, dL/dR), None where not needed.
+
+    grad_output (..., C_out), x (..., C_in), weight (C_out, C_in), B (C_out, C_mid), R (C_mid, C_in).
+    """
+    in_features = x.shape[-1]
+    x_rows = x.reshape(-1, in_features)
+    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    grad_x = grad_weight = grad_bias = grad_R = None
+
+    correlation_needed = need_feedback and plan.feedback_grad_order == "product"
+    if need_weight or correlation_needed:
+        grad_weight = grad_rows.t().mm(x_rows)
+    if need_bias:
+        grad_bias = grad_rows.sum(0)
+
+    uses_mid_error = "sequence" in (plan.input_order, plan.feedback_grad_order)
+    grad_mid = grad_rows.mm(B) if uses_mid_error else None
+    if need_input:
+        if plan.input_order == "product":
+            grad_x = grad_rows.mm(feedback_product(B, R))
+        else:
+            grad_x = grad_mid.mm(R)
+        grad_x = grad_x.reshape(x.shape)
+    if need_feedback:
+        if plan.feedback_grad_order == "product":
+            grad_R = feedback_grad_from_correlation(B, grad_weight)
+        else:
+            grad_R = grad_mid.t().mm(x_rows)
+    return grad_x, (grad_weight if need_weight else None), grad_bias, grad_R
+
+
+def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, groups, plan: Plan,
+                  need_input, need_weight, need_bias, need_feedback):
+    """Gradients of a PFA convolution (1d/2d/3d): (dL/dx, dL/dW, dL/db, dL/dR), None where not needed.
+
+    grad_output (N, C_out, *out_spatial), x (N, C_in, *spatial), weight (C_out, C_in/G, *kernel),
+    B (C_out, C_mid), R (C_mid, C_in/G, *kernel). Zero padding (other modes pad x before the op).
+    """
+    spatial_dims = x.dim() - 2
+    bias_sizes = [weight.shape[0]] if need_bias else None
+
+    def conv_grads(grad, weight_like, conv_groups, mask):
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight_like, bias_sizes if mask[2] else None, stride, padding, dilation, False,
+            [0] * spatial_dims, conv_groups, mask)
+
+    grad_x = grad_weight = grad_bias = grad_R = None
+    correlation = None  # conv_weight(x, g) with groups = 1: dL/dW itself when groups = 1
+    feedback_by_product = need_feedback and plan.feedback_grad_order == "product"
+
+    if plan.input_order == "product":
+        feedback_weight = feedback_product(B, R, groups)
+        # One call gives dL/dx, dL/db and, when wanted, the correlation (for groups = 1, dL/dW itself).
+        want_correlation = feedback_by_product or (groups == 1 and need_weight)
+        grad_x, correlation, grad_bias = conv_grads(
+            grad_output, feedback_weight, 1, [True, want_correlation, need_bias])
+    elif feedback_by_product:
+        dense_shape = (weight.shape[0], weight.shape[1] * groups, *weight.shape[2:])
+        # Only the shape of the weight matters for a weight gradient.
+        dense_weight_like = weight.new_empty(dense_shape) if groups > 1 else weight
+        _, correlation, grad_bias = conv_grads(grad_output, dense_weight_like, 1, [False, True, need_bias])
+
+    if need_weight:
+        if correlation is not None:
+            grad_weight = correlation if groups == 1 else weight_grad_from_correlation(correlation, groups)
+    if (need_weight and grad_weight is None) or (need_bias and grad_bias is None):
+        _, bp_weight, bp_bias = conv_grads(
+            grad_output, weight, groups, [False, need_weight and grad_weight is None, need_bias and grad_bias is None])
+        grad_weight = bp_weight if grad_weight is None else grad_weight
+        grad_bias = bp_bias if grad_bias is None else grad_bias
+
+    if feedback_by_product:
+        grad_R = feedback_grad_from_correlation(B, correlation, groups)
+
+    sequence_input = need_input and plan.input_order == "sequence"
+    sequence_feedback = need_feedback and plan.feedback_grad_order == "sequence"
+    if sequence_input or sequence_feedback:
+        grad_mid = mid_error(grad_output, B, channel_dim=1)
+        seq_x, seq_R, _ = conv_grads(grad_mid, R, groups, [sequence_input, sequence_feedback, False])
+        grad_x = seq_x if sequence_input else grad_x
+        grad_R = seq_R if sequence_feedback else grad_R
+
+    return (grad_x if need_input else None), (grad_weight if need_weight else None), grad_bias, grad_R

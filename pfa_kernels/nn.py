@@ -1,0 +1,157 @@
+"""PFA layers: drop-in replacements for nn.Linear and nn.Conv1d/2d/3d.
+
+Each layer *is* its nn counterpart (a subclass): weight, bias, every constructor argument, padding
+modes, "same"/"valid" padding, and a BP checkpoint loads into it. What changes is the backward: the
+input gradient is fed back through W_fb = B·R (layer.feedback) instead of W, and R learns.
+
+Feedback keyword arguments (keyword-only, shared by every layer and pk.convert):
+    expand_ratio      C_mid / C_out (int or float > 0; C_mid = round(r * C_out) >= 1); paper: 10
+    feedback_init     "random" (PFA), "orthogonal" (PFA-o, B B^T = I when C_mid >= C_out),
+                      "identity" (Kolen-Pollack; needs C_mid == C_out)
+    feedback_density  in (0, 1]: fixed Bernoulli masks on B and R
+    parametrization   "explicit" (B and R held as tensors)
+    strategy          "auto" | "product" | "sequence" | "reference" (the literal algorithm)
+    backend           "auto" | "torch" | "triton" | "cpp" (a named backend must be available)
+    feedback_seed     int or None: the seed B, R and the masks are drawn from
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional, ops, planner
+from .feedback import PFAFeedback, check_feedback_options
+
+
+class _PFAMixin:
+    """Feedback state and settings shared by every PFA layer."""
+
+    def _init_feedback(self, in_per_group, kernel_size, groups, expand_ratio, feedback_init, feedback_density,
+                       parametrization, strategy, backend, feedback_seed, device, dtype):
+        self.feedback = PFAFeedback(self.weight.shape[0], in_per_group, kernel_size, groups, expand_ratio,
+                                    feedback_init, feedback_density, feedback_seed, device=device, dtype=dtype)
+        self.parametrization = parametrization
+        self.strategy = strategy
+        self.backend = backend
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "feedback"):  # nn's constructor calls this before the feedback exists
+            self.feedback.reset_parameters()
+
+    def _feedback_extra_repr(self) -> str:
+        return (f", expand_ratio={self.feedback.expand_ratio}, feedback_init={self.feedback.feedback_init!r}, "
+                f"feedback_density={self.feedback.feedback_density}, parametrization={self.parametrization!r}, "
+                f"strategy={self.strategy!r}, backend={self.backend!r}")
+
+    def backward_plan(self, input_shape, need_input_grad: bool = True) -> planner.Plan:
+        """The planner's choice (orders, backend, multiply-adds of every candidate) for an input of this shape."""
+        with torch.device("meta"):
+            x = torch.empty(input_shape)
+            weight = torch.empty(self.weight.shape)
+            output_shape = self._meta_forward(x, weight).shape
+        backend = planner.resolve_backend(self.backend, self.weight.device.type)
+        strategy = "auto" if self.strategy == "reference" else self.strategy
+        groups = getattr(self, "groups", 1)
+        mask = [need_input_grad, self.weight.requires_grad, self.bias is not None, self.feedback.R.requires_grad]
+        return ops.plan_backward(output_shape, self.weight.shape, self.feedback.mid_channels, groups, strategy,
+                                 backend, mask)
+
+
+def _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend):
+    check_feedback_options(feedback_init, feedback_density, parametrization)
+    planner.check_strategy(strategy)
+    if backend not in planner.BACKENDS:
+        raise ValueError(f"backend must be one of {planner.BACKENDS}; got {backend!r}")
+
+
+class PFALinear(_PFAMixin, nn.Linear):
+    """nn.Linear with PFA feedback. Input (..., in_features) -> (..., out_features).
+
+    weight (out_features, in_features), bias (out_features,); feedback.B (out_features, C_mid),
+    feedback.R (C_mid, in_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 expand_ratio=10, feedback_init="random", feedback_density=1.0, parametrization="explicit",
+                 strategy="auto", backend="auto", feedback_seed=None):
+        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_feedback(in_features, (), 1, expand_ratio, feedback_init, feedback_density, parametrization,
+                            strategy, backend, feedback_seed, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.pfa_linear(x, self.weight, self.bias, self.feedback.B, self.feedback.effective_R(),
+                                     self.strategy, self.backend)
+
+    def _meta_forward(self, x, weight):
+        return F.linear(x, weight)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._feedback_extra_repr()
+
+
+class _PFAConvNd(_PFAMixin):
+    _spatial_dims: int
+
+    def _init_conv_feedback(self, expand_ratio, feedback_init, feedback_density, parametrization, strategy,
+                            backend, feedback_seed, device, dtype):
+        self._init_feedback(self.in_channels // self.groups, self.kernel_size, self.groups, expand_ratio,
+                            feedback_init, feedback_density, parametrization, strategy, backend, feedback_seed,
+                            device, dtype)
+
+    def _op_padding(self):
+        """(explicit pad for F.pad or None, the op's symmetric zero padding)."""
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return None, list(self.padding)
+        pads = self._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+        lefts, rights = pads[0::2], pads[1::2]
+        if self.padding_mode == "zeros" and lefts == rights:
+            return None, list(reversed(lefts))
+        return pads, [0] * self._spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads, padding = self._op_padding()
+        if pads is not None:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        return functional._pfa_conv(self._spatial_dims, x, self.weight, self.bias, self.feedback.B,
+                                    self.feedback.effective_R(), list(self.stride), padding, list(self.dilation),
+                                    self.groups, self.strategy, self.backend)
+
+    def _meta_forward(self, x, weight):
+        pads, padding = self._op_padding()
+        if pads is not None:
+            x = F.pad(x, pads)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self._spatial_dims - 1]
+        return conv(x, weight, None, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._feedback_extra_repr()
+
+
+def _conv_class(base: type[nn.Module], spatial_dims: int, name: str):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros", device=None, dtype=None, *, expand_ratio=10, feedback_init="random",
+                 feedback_density=1.0, parametrization="explicit", strategy="auto", backend="auto",
+                 feedback_seed=None):
+        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend)
+        base.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                      padding_mode, device=device, dtype=dtype)
+        self._init_conv_feedback(expand_ratio, feedback_init, feedback_density, parametrization, strategy, backend,
+                                 feedback_seed, device, dtype)
+
+    doc = (f"nn.{base.__name__} with PFA feedback. Input (N, C_in, *spatial) or (C_in, *spatial), {spatial_dims} "
+           f"spatial dims.\n\n    weight (C_out, C_in/groups, *kernel), bias (C_out,); feedback.B (C_out, C_mid), "
+           f"feedback.R (C_mid, C_in/groups, *kernel).\n    ")
+    return type(name, (_PFAConvNd, base), {"__init__": __init__, "_spatial_dims": spatial_dims, "__doc__": doc,
+                                           "__module__": __name__})
+
+
+PFAConv1d = _conv_class(nn.Conv1d, 1, "PFAConv1d")
+PFAConv2d = _conv_class(nn.Conv2d, 2, "PFAConv2d")
+PFAConv3d = _conv_class(nn.Conv3d, 3, "PFAConv3d")
+
+PFA_LAYERS = (PFALinear, PFAConv1d, PFAConv2d, PFAConv3d)

@@ -1,0 +1,115 @@
+"""The literal Product Feedback Alignment algorithm: the ground truth every test compares against.
+
+Written for clarity, never for speed. It follows the authors' released code step by step
+(DESIGN.md section 1), including what the fast paths remove:
+
+- the forward pass also runs the input through the feedback population, mid = conv(x, R), as the
+  authors' code does only to learn the shape of the mid error; the result is kept until backward;
+- the error travels back through the feedback path x -> R -> B: g_mid = B^T g (a 1x1 map per
+  position), then dL/dx = conv_transpose(g_mid, R) and "dL/dR" = conv_weight(x, g_mid), obtained here
+  by autograd through that literal path;
+- dL/dW and dL/db are backpropagation's, obtained by autograd through y = conv(x, W) + b.
+
+Shapes (a linear layer is the same with no kernel or spatial dims; x may have any leading dims):
+
+    x  (N, C_in, *spatial)             W  (C_out, C_in / groups, *kernel)    b (C_out,) or None
+    B  (C_out, C_mid)  fixed           R  (C_mid, C_in / groups, *kernel)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_CONV_BY_SPATIAL_DIMS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _forward_conv(x, weight, bias, stride, padding, dilation, groups):
+    spatial_dims = weight.dim() - 2
+    if spatial_dims == 0:
+        return F.linear(x, weight, bias)
+    return _CONV_BY_SPATIAL_DIMS[spatial_dims](x, weight, bias, stride, padding, dilation, groups)
+
+
+def _apply_B(mid: torch.Tensor, B: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """The fixed 1x1 map from the feedback population to the output: out[o] = sum_m B[o, m] mid[m]."""
+    mid_last = mid.movedim(channel_dim, -1)
+    return torch.matmul(mid_last, B.t()).movedim(-1, channel_dim)
+
+
+class _LiteralPFA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, B, R, stride, padding, dilation, groups):
+        y = _forward_conv(x, weight, bias, stride, padding, dilation, groups)
+        # The authors' code runs this extra forward through R only to shape the mid error.
+        mid = _forward_conv(x, R, None, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, bias, B, R, mid)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, bias, B, R, mid = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        channel_dim = -1 if weight.dim() == 2 else 1
+        with torch.enable_grad():
+            x_leaf = x.detach().requires_grad_(True)
+            weight_leaf = weight.detach().requires_grad_(True)
+            bias_leaf = None if bias is None else bias.detach().requires_grad_(True)
+            R_leaf = R.detach().requires_grad_(True)
+
+            # Backpropagation's path, used only for the weight and bias gradients.
+            y = _forward_conv(x_leaf, weight_leaf, bias_leaf, stride, padding, dilation, groups)
+            bp_inputs = [weight_leaf] + ([] if bias_leaf is None else [bias_leaf])
+            bp_grads = torch.autograd.grad(y, bp_inputs, grad_output)
+            grad_weight = bp_grads[0]
+            grad_bias = None if bias_leaf is None else bp_grads[1]
+
+            # The feedback path x -> R -> B carries the error back to the input and teaches R.
+            mid_recomputed = _forward_conv(x_leaf, R_leaf, None, stride, padding, dilation, groups)
+            assert mid_recomputed.shape == mid.shape
+            feedback_out = _apply_B(mid_recomputed, B, channel_dim)
+            grad_x, grad_R = torch.autograd.grad(feedback_out, [x_leaf, R_leaf], grad_output)
+        return grad_x, grad_weight, grad_bias, None, grad_R, None, None, None, None
+
+
+def _to_compute_dtype(tensors, device_type):
+    """Cast floating tensors to the autocast dtype when autocast is on, as nn.Conv would."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def pfa_conv(x, weight, bias, B, R, stride=1, padding=0, dilation=1, groups=1):
+    """Literal PFA convolution (1d/2d/3d by weight.dim()); zero padding only (pad x first otherwise).
+
+    x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel), bias (C_out,) or None,
+    B (C_out, C_mid), R (C_mid, C_in/groups, *kernel). Returns y (N, C_out, *out_spatial).
+    """
+    x, weight, bias, B, R = _to_compute_dtype([x, weight, bias, B, R], x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LiteralPFA.apply(x, weight, bias, B, R, stride, padding, dilation, groups)
+
+
+def pfa_linear(x, weight, bias, B, R):
+    """Literal PFA linear layer.
+
+    x (..., C_in), weight (C_out, C_in), bias (C_out,) or None, B (C_out, C_mid), R (C_mid, C_in).
+    Returns y (..., C_out).
+    """
+    return pfa_conv(x, weight, bias, B, R)
+
+
+def feedback_weight(B: torch.Tensor, R: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """W_fb = B·R, written out one group at a time.
+
+    B (C_out, C_mid), R (C_mid, C_in/groups, *kernel). Returns (C_out, C_in, *kernel): dense over
+    input channels, because B mixes every group's mid population into every output channel.
+    """
+    mid_per_group = R.shape[0] // groups
+    blocks = []
+    for group in range(groups):
+        rows = slice(group * mid_per_group, (group + 1) * mid_per_group)
+        blocks.append(torch.tensordot(B[:, rows], R[rows], dims=1))
+    return torch.cat(blocks, dim=1)
