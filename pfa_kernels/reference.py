@@ -84,9 +84,13 @@ def _to_compute_dtype(tensors, device_type):
 def pfa_conv(x, weight, bias, B, R, stride=1, padding=0, dilation=1, groups=1):
     """Literal PFA convolution (1d/2d/3d by weight.dim()); zero padding only (pad x first otherwise).
 
-    x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel), bias (C_out,) or None,
-    B (C_out, C_mid), R (C_mid, C_in/groups, *kernel). Returns y (N, C_out, *out_spatial).
+    x (N, C_in, *spatial) or unbatched (C_in, *spatial), weight (C_out, C_in/groups, *kernel),
+    bias (C_out,) or None, B (C_out, C_mid), R (C_mid, C_in/groups, *kernel).
+    Returns y (N, C_out, *out_spatial), or (C_out, *out_spatial) for an unbatched x.
     """
+    unbatched = weight.dim() > 2 and x.dim() == weight.dim() - 1
+    if unbatched:
+        return pfa_conv(x.unsqueeze(0), weight, bias, B, R, stride, padding, dilation, groups).squeeze(0)
     x, weight, bias, B, R = _to_compute_dtype([x, weight, bias, B, R], x.device.type)
     with torch.autocast(x.device.type, enabled=False):
         return _LiteralPFA.apply(x, weight, bias, B, R, stride, padding, dilation, groups)

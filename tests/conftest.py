@@ -1,0 +1,82 @@
+"""Shared helpers: running a layer forward/backward, the literal reference for a module, tolerances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pfa_kernels as pk
+from pfa_kernels import reference
+
+# Relative error bounds (norm of the difference / norm of the reference) against a float64 reference.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+# Low precision is checked against a low-precision run of the reference: the fast path's error may be
+# at most this multiple of the reference's own error (plus a small floor for near-exact cases).
+LOW_PRECISION_ERROR_FACTOR = 3.0
+LOW_PRECISION_FLOOR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+STRATEGIES = ("auto", "product", "sequence")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(1234)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    denominator = expected.norm().item()
+    return (actual - expected).norm().item() / (denominator if denominator > 0 else 1.0)
+
+
+def assert_relative_close(actual, expected, bound, what=""):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    error = relative_error(actual, expected)
+    assert error < bound, f"{what}: relative error {error:.3e} >= {bound:.1e}"
+
+
+def layer_gradients(layer, x, grad_output=None, forward=None):
+    """Run layer (or forward(x)) on a copy of x, backpropagate grad_output (random if None).
+
+    Returns (output, {"x": dL/dx, "weight": ..., "bias": ..., "R": ...}); the layer's .grad fields are
+    cleared before and restored to None after.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    for parameter in layer.parameters():
+        parameter.grad = None
+    output = (forward or layer)(x)
+    if grad_output is None:
+        grad_output = torch.randn_like(output)
+    output.backward(grad_output)
+    grads = {"x": x.grad, "weight": layer.weight.grad, "R": layer.feedback.R.grad}
+    if layer.bias is not None:
+        grads["bias"] = layer.bias.grad
+    for parameter in layer.parameters():
+        parameter.grad = None
+    return output, grads, grad_output
+
+
+def literal_forward(layer):
+    """The literal algorithm (reference.py) for a PFA module, padding x the way nn.ConvNd does."""
+    def forward(x):
+        R = layer.feedback.effective_R()
+        if isinstance(layer, pk.PFALinear):
+            return reference.pfa_linear(x, layer.weight, layer.bias, layer.feedback.B, R)
+        padding = layer.padding
+        if layer.padding_mode != "zeros":
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            padding = 0
+        return reference.pfa_conv(x, layer.weight, layer.bias, layer.feedback.B, R, layer.stride, padding,
+                                  layer.dilation, layer.groups)
+    return forward
+
+
+def assert_matches_reference(layer, x, bound):
+    """The layer's output and every gradient equal the literal algorithm's within `bound`."""
+    output, grads, grad_output = layer_gradients(layer, x)
+    expected_output, expected_grads, _ = layer_gradients(layer, x, grad_output, literal_forward(layer))
+    assert_relative_close(output, expected_output, bound, "output")
+    for name, expected in expected_grads.items():
+        assert grads[name] is not None, f"no gradient for {name}"
+        assert_relative_close(grads[name], expected, bound, f"grad {name}")

@@ -1,0 +1,84 @@
+"""Feedback initialisation, masks and seeding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pfa_kernels as pk
+from pfa_kernels.feedback import PFAFeedback, mid_channels_for
+
+
+def test_random_B_has_identity_second_moment():
+    """Var(B_ij) = 1/C_mid, so E[B B^T] = I (DESIGN §1), for several expand ratios."""
+    for expand_ratio in (1, 3, 10):
+        feedback = PFAFeedback(64, 8, (3, 3), expand_ratio=expand_ratio, seed=0)
+        B = feedback.B.double()
+        variance = B.var().item()
+        assert abs(variance * feedback.mid_channels - 1) < 0.05, (expand_ratio, variance)
+        second_moment = B @ B.t()
+        assert abs(second_moment.diagonal().mean().item() - 1) < 0.05
+
+
+def test_sparse_B_keeps_its_variance_and_masks_hold():
+    feedback = PFAFeedback(64, 8, (3, 3), expand_ratio=4, feedback_density=0.25, seed=3)
+    B = feedback.B.double()
+    assert abs(B.pow(2).mean().item() * feedback.mid_channels - 1) < 0.1
+    assert torch.equal(feedback.B != 0, feedback.B_mask)
+    assert abs(feedback.R_mask.double().mean().item() - 0.25) < 0.02
+    assert torch.all(feedback.R[~feedback.R_mask] == 0)
+    assert torch.all(feedback.effective_R()[~feedback.R_mask] == 0)
+
+
+def test_masked_R_entries_stay_zero_through_training():
+    layer = pk.PFAConv2d(4, 6, 3, expand_ratio=2, feedback_density=0.3, padding=1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        layer(torch.randn(2, 4, 5, 5)).square().sum().backward()
+        optimizer.step()
+    mask = layer.feedback.R_mask
+    assert torch.all(layer.feedback.R[~mask] == 0)
+    assert torch.any(layer.feedback.R[mask] != 0)
+
+
+def test_orthogonal_and_identity():
+    orthogonal = PFAFeedback(16, 4, (3,), expand_ratio=1, feedback_init="orthogonal", seed=1)
+    torch.testing.assert_close(orthogonal.B @ orthogonal.B.t(), torch.eye(16), atol=1e-5, rtol=0)
+    wide = PFAFeedback(16, 4, (3,), expand_ratio=4, feedback_init="orthogonal", seed=1)
+    torch.testing.assert_close(wide.B @ wide.B.t(), torch.eye(16), atol=1e-5, rtol=0)
+    identity = PFAFeedback(16, 4, (3,), expand_ratio=1, feedback_init="identity", seed=1)
+    assert torch.equal(identity.B, torch.eye(16))
+
+
+def test_same_seed_same_feedback_on_any_device_and_dtype():
+    a = PFAFeedback(8, 3, (3, 3), expand_ratio=2, feedback_density=0.5, seed=42)
+    b = PFAFeedback(8, 3, (3, 3), expand_ratio=2, feedback_density=0.5, seed=42, dtype=torch.float64)
+    assert torch.equal(a.B, b.B.float()) and torch.equal(a.R_mask, b.R_mask)
+    torch.manual_seed(7)
+    layer_a = pk.PFALinear(6, 4)
+    torch.manual_seed(7)
+    layer_b = pk.PFALinear(6, 4)
+    assert torch.equal(layer_a.feedback.B, layer_b.feedback.B) and torch.equal(layer_a.weight, layer_b.weight)
+    assert not torch.equal(pk.PFALinear(6, 4).feedback.B, layer_a.feedback.B)
+
+
+def test_feedback_weight_matches_literal_product():
+    for groups in (1, 3):
+        feedback = PFAFeedback(6, 2, (3, 3), groups=groups, expand_ratio=2, seed=0, dtype=torch.float64)
+        expected = pk.reference.feedback_weight(feedback.B, feedback.R, groups)
+        assert feedback.feedback_weight().shape == (6, 2 * groups, 3, 3)
+        torch.testing.assert_close(feedback.feedback_weight(), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("expand_ratio, out_channels, expected", [(10, 7, 70), (0.5, 7, 4), (0.01, 7, 1), (2.5, 3, 8)])
+def test_mid_channels_rounding(expand_ratio, out_channels, expected):
+    assert mid_channels_for(out_channels, expand_ratio) == expected
+    assert mid_channels_for(out_channels, expand_ratio) == max(1, math.floor(expand_ratio * out_channels + 0.5))
+
+
+def test_bad_seed_raises():
+    with pytest.raises(TypeError, match="feedback_seed"):
+        PFAFeedback(4, 4, (), seed="abc")

@@ -1,0 +1,252 @@
+"""PFA modules against the literal algorithm and against their nn counterparts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import STRATEGIES, TOLERANCE, assert_matches_reference, layer_gradients, literal_forward
+from torch import nn
+
+import pfa_kernels as pk
+
+# (layer class, nn class, constructor args, input shape): odd channel counts, every kernel size,
+# stride, dilation, groups (incl. depthwise), "same"/"valid"/tuple padding, every padding mode, no bias.
+CONV_CASES = {
+    "2d-k1": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=5, out_channels=7, kernel_size=1), (3, 5, 6, 5)),
+    "2d-k3-pad1": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=5, out_channels=7, kernel_size=3, padding=1),
+                   (2, 5, 7, 6)),
+    "2d-k5-stride2": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=3, out_channels=6, kernel_size=5, stride=2,
+                                                    padding=2), (2, 3, 9, 8)),
+    "2d-k7-stride2-nobias": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=7, stride=2,
+                                                           padding=3, bias=False), (2, 3, 11, 10)),
+    "2d-dilation2": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=4, out_channels=5, kernel_size=3, dilation=2,
+                                                   padding=2), (2, 4, 8, 9)),
+    "2d-groups2": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=6, out_channels=4, kernel_size=3, groups=2, padding=1),
+                   (2, 6, 6, 5)),
+    "2d-depthwise-stride2": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=6, out_channels=6, kernel_size=3, groups=6,
+                                                           stride=2, padding=1), (2, 6, 7, 7)),
+    "2d-same-even-kernel": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=(2, 4),
+                                                          padding="same"), (2, 3, 6, 7)),
+    "2d-same-dilation": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=3, dilation=2,
+                                                       padding="same"), (2, 3, 7, 6)),
+    "2d-valid-rect": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=(3, 1),
+                                                    stride=(2, 1), padding="valid"), (2, 3, 7, 6)),
+    "2d-reflect": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=3, padding=1,
+                                                 padding_mode="reflect"), (2, 3, 6, 6)),
+    "2d-replicate-same": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=3, out_channels=5, kernel_size=4,
+                                                        padding="same", padding_mode="replicate"), (2, 3, 6, 6)),
+    "2d-circular-groups": (pk.PFAConv2d, nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, padding=(1, 2),
+                                                         groups=2, padding_mode="circular"), (2, 4, 6, 6)),
+    "1d-stride2": (pk.PFAConv1d, nn.Conv1d, dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1),
+                   (2, 3, 11)),
+    "1d-groups-dilation": (pk.PFAConv1d, nn.Conv1d, dict(in_channels=4, out_channels=6, kernel_size=5, dilation=2,
+                                                         groups=2, padding="same"), (2, 4, 12)),
+    "3d-stride2": (pk.PFAConv3d, nn.Conv3d, dict(in_channels=3, out_channels=5, kernel_size=3, stride=2, padding=1),
+                   (2, 3, 5, 6, 5)),
+    "3d-groups": (pk.PFAConv3d, nn.Conv3d, dict(in_channels=4, out_channels=4, kernel_size=(1, 3, 3), groups=2,
+                                                padding=(0, 1, 1)), (1, 4, 3, 5, 4)),
+}
+
+
+def build(case, dtype=torch.float64, **feedback):
+    pfa_class, nn_class, kwargs, input_shape = CONV_CASES[case]
+    expand_ratio = 2 if kwargs.get("groups", 1) > 1 else 3
+    feedback = {"expand_ratio": expand_ratio, **feedback}
+    layer = pfa_class(**kwargs, dtype=dtype, **feedback)
+    return layer, nn_class, kwargs, torch.randn(input_shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_matches_reference_float64(case, strategy):
+    layer, _, _, x = build(case, strategy=strategy)
+    assert_matches_reference(layer, x, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("strategy", ("product", "sequence"))
+@pytest.mark.parametrize("case", ["2d-k3-pad1", "2d-groups2", "2d-circular-groups", "1d-stride2", "3d-stride2"])
+def test_conv_matches_reference_float32(case, strategy):
+    layer, _, _, x = build(case, dtype=torch.float64, strategy=strategy)
+    _, expected, grad_output = layer_gradients(layer, x)
+    layer32 = copy.deepcopy(layer).float()
+    _, grads, _ = layer_gradients(layer32, x.float(), grad_output.float())
+    for name, value in expected.items():
+        error = (grads[name].double() - value).norm() / value.norm()
+        assert error < TOLERANCE[torch.float32], (name, error.item())
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv_forward_equals_nn(case):
+    layer, nn_class, kwargs, x = build(case)
+    plain = nn_class(**kwargs, dtype=torch.float64)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("feedback.")})
+    torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("expand_ratio", [0.5, 1, 3, 10])
+@pytest.mark.parametrize("input_shape", [(5,), (4, 5), (2, 3, 5)])
+def test_linear_matches_reference(input_shape, expand_ratio, strategy):
+    layer = pk.PFALinear(5, 7, dtype=torch.float64, expand_ratio=expand_ratio, strategy=strategy)
+    assert layer.feedback.mid_channels == max(1, int(expand_ratio * 7 + 0.5))
+    assert_matches_reference(layer, torch.randn(input_shape, dtype=torch.float64), TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sparse_feedback_matches_reference(strategy):
+    layer = pk.PFAConv2d(4, 6, 3, padding=1, dtype=torch.float64, expand_ratio=2, feedback_density=0.3,
+                         strategy=strategy)
+    assert_matches_reference(layer, torch.randn(2, 4, 5, 5, dtype=torch.float64), TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("frozen", ["weight", "R", "bias", "x"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_partial_gradients(frozen, strategy):
+    """Only the gradients asked for are computed, and they are still exact."""
+    layer = pk.PFAConv2d(4, 6, 3, groups=2, padding=1, dtype=torch.float64, expand_ratio=1, strategy=strategy)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    grad_output = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    _, expected, _ = layer_gradients(layer, x, grad_output, literal_forward(layer))
+    if frozen != "x":
+        {"weight": layer.weight, "R": layer.feedback.R, "bias": layer.bias}[frozen].requires_grad_(False)
+    x = x.requires_grad_(frozen != "x")
+    layer(x).backward(grad_output)
+    got = {"x": x.grad, "weight": layer.weight.grad, "bias": layer.bias.grad, "R": layer.feedback.R.grad}
+    for name, value in got.items():
+        if name == frozen:
+            assert value is None
+        else:
+            torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_unbatched_input():
+    layer = pk.PFAConv2d(3, 4, 3, dtype=torch.float64)
+    x = torch.randn(3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer(x.unsqueeze(0)).squeeze(0))
+    assert_matches_reference(layer, x, TOLERANCE[torch.float64])
+
+
+def test_channels_last_and_non_contiguous():
+    layer = pk.PFAConv2d(4, 6, 3, padding=1, dtype=torch.float64, expand_ratio=2).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
+    _, grads, _ = layer_gradients(layer, x)
+    assert grads["x"].is_contiguous(memory_format=torch.channels_last)
+    assert_matches_reference(layer, x, TOLERANCE[torch.float64])
+    x_strided = torch.randn(2, 4, 14, 6, dtype=torch.float64)[:, :, ::2]
+    assert not x_strided.is_contiguous()
+    assert_matches_reference(layer, x_strided, TOLERANCE[torch.float64])
+    linear = pk.PFALinear(5, 3, dtype=torch.float64)
+    assert_matches_reference(linear, torch.randn(5, 4, dtype=torch.float64).t(), TOLERANCE[torch.float64])
+
+
+def test_identity_feedback_gives_R_the_weight_gradient():
+    layer = pk.PFAConv2d(5, 5, 3, padding=1, dtype=torch.float64, expand_ratio=1, feedback_init="identity")
+    _, grads, _ = layer_gradients(layer, torch.randn(2, 5, 6, 6, dtype=torch.float64))
+    torch.testing.assert_close(grads["R"], grads["weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_feedback_equal_to_weight_gives_backpropagation(strategy):
+    layer = pk.PFAConv2d(4, 6, 3, stride=2, groups=2, padding=1, dtype=torch.float64, expand_ratio=1,
+                         feedback_init="identity", strategy=strategy)
+    with torch.no_grad():
+        layer.feedback.R.copy_(layer.weight)
+    plain = nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=1, dtype=torch.float64)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("feedback.")})
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    x_bp = x.detach().clone().requires_grad_(True)
+    grad_output = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    layer(x).backward(grad_output)
+    plain(x_bp).backward(grad_output)
+    torch.testing.assert_close(x.grad, x_bp.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_state_dict_round_trip():
+    layer = pk.PFAConv2d(4, 4, 3, expand_ratio=1.5, feedback_density=0.5, groups=2)
+    state = layer.state_dict()
+    assert {"weight", "bias", "feedback.B", "feedback.R", "feedback.B_mask", "feedback.R_mask"} == set(state)
+    other = pk.PFAConv2d(4, 4, 3, expand_ratio=1.5, feedback_density=0.5, groups=2)
+    assert not torch.equal(other.feedback.B, layer.feedback.B)
+    other.load_state_dict(state)
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_loads_backpropagation_checkpoints():
+    conv = nn.Conv2d(3, 5, 3)
+    layer = pk.PFAConv2d(3, 5, 3)
+    B_before = layer.feedback.B.clone()
+    layer.load_state_dict(conv.state_dict())
+    assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)
+    assert torch.equal(layer.feedback.B, B_before)
+    linear = nn.Linear(4, 2)
+    pfa_linear = pk.PFALinear(4, 2)
+    pfa_linear.load_state_dict(linear.state_dict())
+    assert torch.equal(pfa_linear.weight, linear.weight)
+    # A PFA checkpoint missing part of its feedback is an error, not a silent skip.
+    partial = {k: v for k, v in layer.state_dict().items() if k != "feedback.R"}
+    with pytest.raises(RuntimeError, match="feedback.R"):
+        layer.load_state_dict(partial)
+
+
+def test_reset_parameters_redraws_the_same_feedback():
+    layer = pk.PFAConv2d(3, 5, 3, feedback_density=0.5)
+    B, R = layer.feedback.B.clone(), layer.feedback.R.detach().clone()
+    with torch.no_grad():
+        layer.feedback.R.mul_(3)
+    layer.reset_parameters()
+    assert torch.equal(layer.feedback.B, B) and torch.equal(layer.feedback.R, R)
+
+
+def test_extra_repr_and_isinstance():
+    layer = pk.PFAConv2d(3, 5, 3, expand_ratio=10)
+    assert isinstance(layer, nn.Conv2d)
+    text = repr(layer)
+    assert "expand_ratio=10" in text and "B: (5, 50)" in text and "strategy='auto'" in text
+
+
+def test_backward_plan_reports_choice():
+    layer = pk.PFALinear(1024, 1024, expand_ratio=10)
+    plan = layer.backward_plan((8, 1024))
+    assert (plan.input_order, plan.feedback_grad_order) == ("sequence", "sequence")
+    assert plan.macs[("sequence", "sequence")] < plan.macs[("product", "product")]
+    conv = pk.PFAConv2d(64, 64, 3, padding=1, expand_ratio=10)
+    plan = conv.backward_plan((16, 64, 56, 56))
+    assert plan.input_order == "product" and plan.backend == "torch" and "cheapest" in plan.reason
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(expand_ratio=0), "expand_ratio"),
+    (dict(expand_ratio=-1.5), "expand_ratio"),
+    (dict(expand_ratio="ten"), "expand_ratio"),
+    (dict(feedback_density=0.0), "feedback_density"),
+    (dict(feedback_density=1.5), "feedback_density"),
+    (dict(feedback_init="gaussian"), "feedback_init"),
+    (dict(strategy="fastest"), "strategy"),
+    (dict(backend="cuda"), "backend"),
+    (dict(parametrization="implicit"), "parametrization"),
+    (dict(feedback_init="identity", expand_ratio=2), "expand_ratio"),
+    (dict(groups=2, expand_ratio=1.25), "groups"),
+])
+def test_bad_options_raise_naming_the_argument(kwargs, match):
+    groups = kwargs.pop("groups", 1)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pk.PFAConv2d(4, 4, 3, groups=groups, **kwargs)
+
+
+def test_bad_input_raises_and_changes_nothing():
+    layer = pk.PFAConv2d(3, 5, 3, expand_ratio=2)
+    state = copy.deepcopy(layer.state_dict())
+    with pytest.raises(ValueError, match="channels"):
+        layer(torch.randn(2, 4, 6, 6))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    layer.backend = "cpp"
+    with pytest.raises(RuntimeError, match="backend='cpp' is not available"):
+        layer(torch.randn(2, 3, 6, 6))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, state[key])
+    assert all(p.grad is None for p in layer.parameters())
