@@ -14,7 +14,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 # Low precision is checked against a low-precision run of the reference: the fast path's error may be
 # at most this multiple of the reference's own error (plus a small floor for near-exact cases).
 LOW_PRECISION_ERROR_FACTOR = 3.0
-LOW_PRECISION_FLOOR = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+LOW_PRECISION_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
 STRATEGIES = ("auto", "product", "sequence")
 

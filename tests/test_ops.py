@@ -1,0 +1,83 @@
+"""The torch.library custom ops: opcheck (schema, fake kernels, autograd registration) and torch.compile."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import pfa_kernels as pk
+from pfa_kernels import ops
+
+
+def _conv_samples():
+    for groups, strategy in itertools.product((1, 2), ("auto", "product", "sequence")):
+        x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+        weight = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        B = torch.randn(6, 4, dtype=torch.float64)
+        R = torch.randn(4, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
+        yield (x, weight, bias, B, R, [2, 1], [1, 0], [1, 2], groups, strategy, "torch")
+    x = torch.randn(2, 3, 7, dtype=torch.float32).to(memory_format=torch.contiguous_format)
+    yield (x, torch.randn(5, 3, 3), None, torch.randn(5, 2), torch.randn(2, 3, 3), [1], [1], [1], 1, "auto", "torch")
+    x = torch.randn(2, 4, 5, 6).to(memory_format=torch.channels_last).requires_grad_()
+    yield (x, torch.randn(3, 4, 1, 1), None, torch.randn(3, 9), torch.randn(9, 4, 1, 1), [1, 1], [0, 0], [1, 1], 1,
+           "product", "torch")
+
+
+def _linear_samples():
+    for strategy in ("auto", "product", "sequence"):
+        yield (torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True),
+               torch.randn(4, 5, dtype=torch.float64, requires_grad=True),
+               torch.randn(4, dtype=torch.float64, requires_grad=True), torch.randn(4, 9, dtype=torch.float64),
+               torch.randn(9, 5, dtype=torch.float64, requires_grad=True), strategy, "torch")
+
+
+@pytest.mark.parametrize("sample", list(_conv_samples()), ids=lambda s: f"g{s[8]}-{s[9]}-{s[0].dim() - 2}d")
+def test_opcheck_conv(sample):
+    torch.library.opcheck(ops.conv, sample)
+
+
+@pytest.mark.parametrize("sample", list(_linear_samples()), ids=lambda s: s[5])
+def test_opcheck_linear(sample):
+    torch.library.opcheck(ops.linear, sample)
+
+
+@pytest.mark.parametrize("mask", [[True, True, True, True], [False, True, False, True], [True, False, True, False]])
+def test_opcheck_backward_ops(mask):
+    x, weight, _, B, R, stride, padding, dilation, groups, strategy, backend = next(iter(_conv_samples()))
+    grad_output = torch.randn(2, 6, 3, 1, dtype=torch.float64)
+    torch.library.opcheck(ops.conv_backward, (grad_output, x.detach(), weight.detach(), B, R.detach(), stride,
+                                              padding, dilation, groups, strategy, backend, mask))
+    x, weight, _, B, R, strategy, backend = next(iter(_linear_samples()))
+    grad_output = torch.randn(3, 2, 4, dtype=torch.float64)
+    torch.library.opcheck(ops.linear_backward, (grad_output, x.detach(), weight.detach(), B, R.detach(), strategy,
+                                                backend, mask))
+
+
+def _small_pfa_cnn():
+    return nn.Sequential(
+        pk.PFAConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        pk.PFAConv2d(8, 8, 3, stride=2, groups=2, expand_ratio=2, padding_mode="reflect", padding=1), nn.ReLU(),
+        nn.Flatten(), pk.PFALinear(8 * 4 * 4, 5, strategy="sequence"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    """A model of PFA layers compiles without graph breaks and gives the eager gradients."""
+    torch._dynamo.reset()
+    model = _small_pfa_cnn()
+    x = torch.randn(4, 3, 8, 8)
+    eager_out = model(x)
+    eager_out.square().sum().backward()
+    eager_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert model[0].feedback.R.grad is not None

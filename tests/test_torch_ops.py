@@ -1,0 +1,38 @@
+"""Building blocks of the PyTorch backend against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pfa_kernels import reference
+from pfa_kernels.backends import torch_ops
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_grouped_pieces_of_the_dense_correlation(groups):
+    x = torch.randn(2, 2 * groups, 6, 5, dtype=torch.float64)
+    g = torch.randn(2, 3 * groups, 4, 3, dtype=torch.float64)
+    B = torch.randn(3 * groups, 4 * groups, dtype=torch.float64)
+    args = dict(stride=1, padding=0, dilation=1)
+    correlation = torch.nn.grad.conv2d_weight(x, (3 * groups, 2 * groups, 3, 3), g, **args, groups=1)
+    grad_weight = torch.nn.grad.conv2d_weight(x, (3 * groups, 2, 3, 3), g, **args, groups=groups)
+    torch.testing.assert_close(torch_ops.weight_grad_from_correlation(correlation, groups), grad_weight)
+    g_mid = torch.einsum("nohw,om->nmhw", g, B)
+    grad_R = torch.nn.grad.conv2d_weight(x, (4 * groups, 2, 3, 3), g_mid, **args, groups=groups)
+    torch.testing.assert_close(torch_ops.feedback_grad_from_correlation(B, correlation, groups), grad_R)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_feedback_product_against_literal(groups):
+    B = torch.randn(8, 12, dtype=torch.float64)
+    R = torch.randn(12, 3, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch_ops.feedback_product(B, R, groups), reference.feedback_weight(B, R, groups))
+
+
+def test_mid_error_any_channel_dim():
+    g = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    B = torch.randn(5, 7, dtype=torch.float64)
+    torch.testing.assert_close(torch_ops.mid_error(g, B, 1), torch.einsum("nohw,om->nmhw", g, B))
+    torch.testing.assert_close(torch_ops.mid_error(g.movedim(1, -1), B, -1), torch.einsum("nhwo,om->nhwm",
+                                                                                          g.movedim(1, -1), B))
