@@ -6,7 +6,14 @@ import copy
 
 import pytest
 import torch
-from conftest import STRATEGIES, TOLERANCE, assert_matches_reference, layer_gradients, literal_forward
+from conftest import (
+    STRATEGIES,
+    TOLERANCE,
+    assert_matches_reference,
+    assert_relative_close,
+    layer_gradients,
+    literal_forward,
+)
 from torch import nn
 
 import pfa_kernels as pk
@@ -65,16 +72,30 @@ def test_conv_matches_reference_float64(case, strategy):
     assert_matches_reference(layer, x, TOLERANCE[torch.float64])
 
 
-@pytest.mark.parametrize("strategy", ("product", "sequence"))
-@pytest.mark.parametrize("case", ["2d-k3-pad1", "2d-groups2", "2d-circular-groups", "1d-stride2", "3d-stride2"])
-def test_conv_matches_reference_float32(case, strategy):
-    layer, _, _, x = build(case, dtype=torch.float64, strategy=strategy)
-    _, expected, grad_output = layer_gradients(layer, x)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", ["2d-k3-pad1", "2d-groups2", "2d-circular-groups", "1d-stride2", "3d-stride2",
+                                  "linear"])
+def test_matches_reference_float32(case, strategy):
+    """float32 fast paths against the float64 literal algorithm on the same (float32-representable) inputs."""
+    if case == "linear":
+        layer, x = pk.PFALinear(9, 7, dtype=torch.float64, expand_ratio=3, strategy=strategy), torch.randn(6, 9)
+    else:
+        layer, _, _, x = build(case, dtype=torch.float64, strategy=strategy)
     layer32 = copy.deepcopy(layer).float()
-    _, grads, _ = layer_gradients(layer32, x.float(), grad_output.float())
+    layer.load_state_dict(layer32.state_dict())  # the float64 reference sees the float32-rounded values
+    x = x.float()
+    _, grads, grad_output = layer_gradients(layer32, x)
+    _, expected, _ = layer_gradients(layer, x.double(), grad_output.double(), literal_forward(layer))
     for name, value in expected.items():
-        error = (grads[name].double() - value).norm() / value.norm()
-        assert error < TOLERANCE[torch.float32], (name, error.item())
+        assert grads[name].dtype == torch.float32
+        assert_relative_close(grads[name], value, TOLERANCE[torch.float32], name)
+
+
+@pytest.mark.parametrize("expand_ratio", [0.5, 1, 3, 10])
+def test_conv_expand_ratios(expand_ratio):
+    layer = pk.PFAConv2d(3, 6, 3, stride=2, padding=1, dtype=torch.float64, expand_ratio=expand_ratio)
+    assert layer.feedback.mid_channels == int(expand_ratio * 6 + 0.5)
+    assert_matches_reference(layer, torch.randn(2, 3, 7, 7, dtype=torch.float64), TOLERANCE[torch.float64])
 
 
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
