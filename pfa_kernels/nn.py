@@ -47,7 +47,10 @@ class _PFAMixin:
                 f"strategy={self.strategy!r}, backend={self.backend!r}")
 
     def backward_plan(self, input_shape, need_input_grad: bool = True) -> planner.Plan:
-        """The planner's choice (orders, backend, multiply-adds of every candidate) for an input of this shape."""
+        """The planner's choice (orders, backend, multiply-adds of every candidate) for an input of this shape.
+
+        With strategy "reference" (the literal algorithm, which takes no plan) this is the plan "auto" would take.
+        """
         with torch.device("meta"):
             x = torch.empty(input_shape)
             weight = torch.empty(self.weight.shape)
