@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import torchvision
 
 import pfa_kernels as pk
 from pfa_kernels.feedback import PFAFeedback, mid_channels_for
@@ -82,3 +86,17 @@ def test_mid_channels_rounding(expand_ratio, out_channels, expected):
 def test_bad_seed_raises():
     with pytest.raises(TypeError, match="feedback_seed"):
         PFAFeedback(4, 4, (), seed="abc")
+
+
+def test_feedback_is_identical_in_another_process():
+    """What DDP relies on: a fresh process that seeds and builds the same model draws the same B and masks."""
+    script = ("import torch, torchvision, pfa_kernels as pk\n"
+              "torch.manual_seed(0)\n"
+              "m = pk.convert(torchvision.models.resnet18(num_classes=10), expand_ratio=0.25, feedback_density=0.5)\n"
+              "print(repr(sum(float(b.double().abs().sum()) for n, b in m.named_buffers() if 'feedback' in n)))\n")
+    torch.manual_seed(0)
+    model = pk.convert(torchvision.models.resnet18(num_classes=10), expand_ratio=0.25, feedback_density=0.5)
+    expected = sum(float(b.double().abs().sum()) for n, b in model.named_buffers() if "feedback" in n)
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": "123"}).stdout
+    assert float(output.strip()) == expected

@@ -271,3 +271,22 @@ def test_bad_input_raises_and_changes_nothing():
     for key, value in layer.state_dict().items():
         assert torch.equal(value, state[key])
     assert all(p.grad is None for p in layer.parameters())
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "conv"])
+def test_saves_only_what_backward_needs(layer_kind):
+    """No forward through R: autograd keeps x, W, B and R (parameter views), never a C_mid activation."""
+    if layer_kind == "linear":
+        layer, x = pk.PFALinear(6, 5, expand_ratio=10), torch.randn(4, 6, requires_grad=True)
+    else:
+        layer, x = pk.PFAConv2d(3, 5, 3, expand_ratio=10), torch.randn(2, 3, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    assert sorted(saved) == sorted([tuple(x.shape), tuple(layer.weight.shape), tuple(layer.feedback.B.shape),
+                                    tuple(layer.feedback.R.shape)])
+    literal_saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: literal_saved.append(tuple(t.shape)) or t, lambda t: t):
+        literal_forward(layer)(x)
+    mid_shape = (*y.shape[:-1], 50) if layer_kind == "linear" else (2, 50, 6, 6)
+    assert mid_shape in literal_saved  # the literal algorithm keeps the mid activation
