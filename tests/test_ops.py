@@ -81,3 +81,19 @@ def test_torch_compile_fullgraph(backend):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
     assert model[0].feedback.R.grad is not None
+
+
+def test_torch_compile_converted_resnet18():
+    """A converted torchvision ResNet-18 (BN, residual adds, strided and 1x1 convs, linear head) compiles
+    with fullgraph=True and gives the eager gradients."""
+    import torchvision
+
+    torch._dynamo.reset()
+    model = pk.convert(torchvision.models.resnet18(num_classes=10), expand_ratio=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    eager_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
