@@ -18,15 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import ops, planner, reference
-
-
-def _cast_for_autocast(tensors, device_type):
-    """Under autocast, run in the autocast dtype, as nn.Linear/nn.Conv do; gradients flow back to each
-    tensor's own dtype through the cast."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return [None if t is None else t.to(dtype) for t in tensors]
+from .reference import cast_for_autocast
 
 
 def _check_tensors(x, weight, bias, B, R, groups, spatial_dims):
@@ -93,7 +85,7 @@ def pfa_linear(x, weight, bias, B, R, strategy="auto", backend="auto"):
     if strategy == "reference":
         return reference.pfa_linear(x, weight, bias, B, R)
     backend = planner.resolve_backend(backend, x.device.type)
-    x, weight, bias, B, R = _cast_for_autocast([x, weight, bias, B, R], x.device.type)
+    x, weight, bias, B, R = cast_for_autocast([x, weight, bias, B, R], x.device.type)
     return ops.linear(x, weight, bias, B, R, strategy, backend)
 
 
@@ -112,7 +104,7 @@ def _pfa_conv(spatial_dims, x, weight, bias, B, R, stride, padding, dilation, gr
         y = reference.pfa_conv(x, weight, bias, B, R, stride, padding, dilation, groups)
     else:
         backend = planner.resolve_backend(backend, x.device.type)
-        x, weight, bias, B, R = _cast_for_autocast([x, weight, bias, B, R], x.device.type)
+        x, weight, bias, B, R = cast_for_autocast([x, weight, bias, B, R], x.device.type)
         y = ops.conv(x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend)
     return y.squeeze(0) if unbatched else y
 

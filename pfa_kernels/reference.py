@@ -73,8 +73,9 @@ class _LiteralPFA(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, grad_R, None, None, None, None
 
 
-def _to_compute_dtype(tensors, device_type):
-    """Cast floating tensors to the autocast dtype when autocast is on, as nn.Conv would."""
+def cast_for_autocast(tensors, device_type):
+    """Under autocast, cast tensors (None allowed) to the autocast dtype, as nn.Linear/nn.Conv do; gradients
+    flow back to each tensor's own dtype through the cast. The fast paths cast the same way."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
@@ -91,7 +92,7 @@ def pfa_conv(x, weight, bias, B, R, stride=1, padding=0, dilation=1, groups=1):
     unbatched = weight.dim() > 2 and x.dim() == weight.dim() - 1
     if unbatched:
         return pfa_conv(x.unsqueeze(0), weight, bias, B, R, stride, padding, dilation, groups).squeeze(0)
-    x, weight, bias, B, R = _to_compute_dtype([x, weight, bias, B, R], x.device.type)
+    x, weight, bias, B, R = cast_for_autocast([x, weight, bias, B, R], x.device.type)
     with torch.autocast(x.device.type, enabled=False):
         return _LiteralPFA.apply(x, weight, bias, B, R, stride, padding, dilation, groups)
 
