@@ -2,7 +2,7 @@
 
     import pfa_kernels as pk
     layer = pk.PFAConv2d(64, 128, 3, padding=1, expand_ratio=10)
-    model = pk.convert(torchvision.models.resnet18())
+    model = pk.convert(torchvision.models.resnet18(), parametrization="projected")  # SGD: BP's cost
     pk.metrics.report(model)
 """
 
@@ -10,6 +10,7 @@ from . import functional, metrics, planner, reference
 from .convert import ConversionRecord, convert
 from .feedback import PFAFeedback
 from .nn import PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
+from .parametrize import check_optimizer, reparametrize
 
 __all__ = [
     "ConversionRecord",
@@ -18,10 +19,12 @@ __all__ = [
     "PFAConv3d",
     "PFAFeedback",
     "PFALinear",
+    "check_optimizer",
     "convert",
     "functional",
     "metrics",
     "planner",
     "reference",
+    "reparametrize",
 ]
 __version__ = "0.1.0"

@@ -1,11 +1,21 @@
 """Feedback parametrisations: how a layer forms its feedback weight W_fb and how that learns.
 
-PFAFeedback is PFA with an explicit feedback population (DESIGN.md section 1): a fixed random
-B (C_out, C_mid) and a learned R (C_mid, C_in/groups, *kernel), with W_fb = B·R.
+PFAFeedback is PFA with a feedback population (DESIGN.md section 1): a fixed random B (C_out, C_mid)
+and a learned R (C_mid, C_in/groups, *kernel), with W_fb = B·R. It holds that state in one of two
+parametrizations (DESIGN.md section 2.4):
 
-Everything random (B, R and the sparse masks) is drawn from the layer's own seed on a CPU
+    "explicit"   R itself, a Parameter.
+    "projected"  Z, a Parameter of W's shape (dense (C_out, C_in, *kernel) if groups > 1), with
+                 W_fb_j = M_j Z_j per group j, M_j = B_j B_j^T fixed. Under SGD-family optimizers
+                 this reproduces explicit training of R exactly, and no per-step tensor scales
+                 with C_mid. R = B^T Z + N, where the null-space part N (B N = 0) never affects
+                 training; it is kept (R_null) only when the layer was switched from an explicit R,
+                 else it is the null-space part of the layer's seeded R_0.
+
+Everything random (B, R_0 and the sparse masks) is drawn from the layer's own seed on a CPU
 generator, so every process that builds the same model with the same seed gets the same B, on any
-device (what DDP needs), and reset_parameters() redraws the same values.
+device (what DDP needs), and reset_parameters() redraws the same values. Explicit and projected
+layers with the same seed have the same W_fb.
 """
 
 from __future__ import annotations
@@ -16,10 +26,10 @@ import numbers
 import torch
 from torch import nn
 
-from .backends.torch_ops import feedback_product
+from .backends.torch_ops import feedback_product, projected_feedback_product
 
 FEEDBACK_INITS = ("random", "orthogonal", "identity")
-PARAMETRIZATIONS = ("explicit",)
+PARAMETRIZATIONS = ("explicit", "projected")
 
 
 def mid_channels_for(out_channels: int, expand_ratio, groups: int = 1) -> int:
@@ -36,23 +46,74 @@ def mid_channels_for(out_channels: int, expand_ratio, groups: int = 1) -> int:
     return mid_channels
 
 
+def feedback_densities(feedback_density) -> tuple[float, float]:
+    """(B density, R density) from feedback_density: one number for both, or a pair (B, R)."""
+    pair = tuple(feedback_density) if isinstance(feedback_density, (tuple, list)) else None
+    values = pair if pair is not None else (feedback_density, feedback_density)
+    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
+        raise TypeError(f"feedback_density must be a number in (0, 1] or a pair (B density, R density); "
+                        f"got {feedback_density!r}")
+    if not all(0 < v <= 1 for v in values):
+        raise ValueError(f"feedback_density must be in (0, 1]; got {feedback_density!r}")
+    return float(values[0]), float(values[1])
+
+
 def check_feedback_options(feedback_init, feedback_density, parametrization):
     """Validate the feedback keyword arguments shared by every PFA layer and pk.convert."""
     if feedback_init not in FEEDBACK_INITS:
         raise ValueError(f"feedback_init must be one of {FEEDBACK_INITS}; got {feedback_init!r}")
-    if isinstance(feedback_density, bool) or not isinstance(feedback_density, numbers.Real):
-        raise TypeError(f"feedback_density must be a number in (0, 1]; got {feedback_density!r}")
-    if not 0 < feedback_density <= 1:
-        raise ValueError(f"feedback_density must be in (0, 1]; got {feedback_density!r}")
-    if feedback_init == "identity" and feedback_density < 1:
+    B_density, R_density = feedback_densities(feedback_density)
+    if feedback_init == "identity" and min(B_density, R_density) < 1:
         raise ValueError("feedback_init='identity' (Kolen-Pollack) takes no sparse mask: feedback_density must be 1")
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}; got {parametrization!r}")
+    if parametrization == "projected" and R_density < 1:
+        raise ValueError(_MASKED_R_MESSAGE.format(f"feedback_density={feedback_density!r}"))
+
+
+_MASKED_R_MESSAGE = (
+    "parametrization='projected' cannot hold a masked R ({}): re-zeroing R elementwise after every update "
+    "leaves the row space of B^T, so the projected Z no longer reproduces B·R. Use parametrization='explicit', "
+    "or mask B alone with feedback_density=(B_density, 1.0)")
+
+
+def projection_matrix(B: torch.Tensor, groups: int) -> torch.Tensor:
+    """M_j = B_j B_j^T for each group j: (G, C_out, C_out) from B (C_out, C_mid), in B's dtype."""
+    B_by_group = B.double().reshape(B.shape[0], groups, -1).transpose(0, 1)
+    return torch.bmm(B_by_group, B_by_group.transpose(1, 2)).to(B.dtype)
+
+
+def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split R = B^T Z + N per group (float64): Z = pinv(B_j^T) R_j, the minimum-norm Z with B_j Z_j = M_j^+ B_j R_j,
+    so M_j Z_j = B_j R_j exactly (for C_mid/G < C_out, B_j^T Z_j = R_j and N = 0).
+
+    B (C_out, C_mid), R (C_mid, C_in/G, *kernel). Returns Z (C_out, C_in, *kernel) and N (R's shape), float64.
+    """
+    out_channels, kernel = B.shape[0], R.shape[2:]
+    B_by_group = B.double().reshape(out_channels, groups, -1).transpose(0, 1)  # (G, C_out, C_mid/G)
+    R_by_group = R.double().reshape(groups, -1, math.prod(R.shape[1:]))       # (G, C_mid/G, K)
+    Z_by_group = torch.linalg.pinv(B_by_group.transpose(1, 2)) @ R_by_group     # (G, C_out, K)
+    null = R_by_group - B_by_group.transpose(1, 2) @ Z_by_group
+    Z = Z_by_group.reshape(groups, out_channels, R.shape[1], *kernel).transpose(0, 1)
+    return Z.reshape(out_channels, groups * R.shape[1], *kernel), null.reshape(R.shape)
+
+
+def explicit_from_projected(B: torch.Tensor, Z: torch.Tensor, groups: int) -> torch.Tensor:
+    """B^T Z per group (float64): (C_mid, C_in/G, *kernel) from B (C_out, C_mid) and Z (C_out, C_in, *kernel)."""
+    out_channels, kernel = B.shape[0], Z.shape[2:]
+    B_by_group = B.double().reshape(out_channels, groups, -1).transpose(0, 1)
+    Z_by_group = Z.double().reshape(out_channels, groups, -1).transpose(0, 1)
+    return (B_by_group.transpose(1, 2) @ Z_by_group).reshape(B.shape[1], Z.shape[1] // groups, *kernel)
 
 
 class PFAFeedback(nn.Module):
-    """Explicit PFA feedback: fixed B (buffer, (C_out, C_mid)) and learned R (Parameter,
-    (C_mid, C_in/groups, *kernel)); optional fixed Bernoulli masks B_mask and R_mask (buffers).
+    """PFA feedback: fixed B (buffer, (C_out, C_mid)) and a learned feedback parameter, optional fixed
+    Bernoulli masks B_mask / R_mask (buffers, B's / R's shape).
+
+    explicit:  R (Parameter, (C_mid, C_in/groups, *kernel)); W_fb = B·R.
+    projected: Z (Parameter, (C_out, C_in, *kernel)), M (buffer, (groups, C_out, C_out), or None when
+               applying B_j (B_j^T ·) is cheaper), R_null (buffer, R's shape, or None); W_fb = M·Z.
+               (M and R_null are None on explicit feedback.)
 
     Masked entries of R are zero from the start and stay zero: layers use R * R_mask, so they get no
     gradient and no optimizer update (weight decay on a zero is zero).
@@ -60,9 +121,9 @@ class PFAFeedback(nn.Module):
 
     def __init__(self, out_channels: int, in_channels_per_group: int, kernel_size: tuple[int, ...] = (),
                  groups: int = 1, expand_ratio=10, feedback_init: str = "random", feedback_density=1.0,
-                 seed: int | None = None, device=None, dtype=None):
+                 seed: int | None = None, device=None, dtype=None, parametrization: str = "explicit"):
         super().__init__()
-        check_feedback_options(feedback_init, feedback_density, "explicit")
+        check_feedback_options(feedback_init, feedback_density, parametrization)
         mid_channels = mid_channels_for(out_channels, expand_ratio, groups)
         if feedback_init == "identity" and mid_channels != out_channels:
             raise ValueError(
@@ -72,53 +133,145 @@ class PFAFeedback(nn.Module):
             raise TypeError(f"feedback_seed must be an int or None; got {seed!r}")
         factory = {"device": device, "dtype": dtype}
         self.out_channels, self.mid_channels, self.groups = out_channels, mid_channels, groups
+        self.in_channels_per_group, self.kernel_size = in_channels_per_group, tuple(kernel_size)
         self.expand_ratio, self.feedback_init, self.feedback_density = expand_ratio, feedback_init, feedback_density
+        self.parametrization = parametrization
         # Without an explicit seed, take one from the global RNG: torch.manual_seed(s) then fixes it.
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
+        B_density, R_density = feedback_densities(feedback_density)
         self.register_buffer("B", torch.empty(out_channels, mid_channels, **factory))
-        self.R = nn.Parameter(torch.empty(mid_channels, in_channels_per_group, *kernel_size, **factory))
-        if feedback_density < 1:
-            self.register_buffer("B_mask", torch.empty(self.B.shape, dtype=torch.bool, device=device))
-            self.register_buffer("R_mask", torch.empty(self.R.shape, dtype=torch.bool, device=device))
+        self.register_buffer("B_mask", torch.empty(self.B.shape, dtype=torch.bool, device=device)
+                             if B_density < 1 else None)
+        self.register_buffer("R_mask", torch.empty(self.R_shape, dtype=torch.bool, device=device)
+                             if R_density < 1 else None)
+        if parametrization == "explicit":
+            self.R = nn.Parameter(torch.empty(self.R_shape, **factory))
+            self.register_buffer("M", None)
+            self.register_buffer("R_null", None)
         else:
-            self.B_mask = self.R_mask = None
+            self._add_projected_state(torch.empty(self.Z_shape, **factory))
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Draw masks, B and R from the layer's seed (the same values every time)."""
+    @property
+    def R_shape(self) -> tuple[int, ...]:
+        return (self.mid_channels, self.in_channels_per_group, *self.kernel_size)
+
+    @property
+    def Z_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels_per_group * self.groups, *self.kernel_size)
+
+    @property
+    def keeps_projection_matrix(self) -> bool:
+        """Whether M is held: M·Z costs G * C_out^2 per column of Z, B_j (B_j^T Z_j) costs 2 * C_out * C_mid (and
+        M takes G * C_out^2 memory), so M is kept when G * C_out <= 2 * C_mid, i.e. expand_ratio >= G / 2."""
+        return self.groups * self.out_channels <= 2 * self.mid_channels
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        """The learned feedback tensor: R (explicit) or Z (projected)."""
+        return self.R if self.parametrization == "explicit" else self.Z
+
+    def _add_projected_state(self, Z: torch.Tensor, R_null: torch.Tensor | None = None, requires_grad=True):
+        self.Z = nn.Parameter(Z, requires_grad=requires_grad)
+        keep = self.keeps_projection_matrix
+        self.register_buffer("M", projection_matrix(self.B, self.groups) if keep else None)
+        self.register_buffer("R_null", R_null)
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """B, R_0 (float64, masked) and the masks (or None), drawn from the layer's seed."""
         generator = torch.Generator().manual_seed(self.seed)
-        density = self.feedback_density
+        B_density, R_density = feedback_densities(self.feedback_density)
         B = torch.empty(self.B.shape, dtype=torch.float64)
         if self.feedback_init == "random":
             # Var(B_ij) = gain^2 * 2 / (C_out + C_mid) = 1 / C_mid for gain^2 = (1 + 1/r) / 2 (r = C_mid/C_out),
             # so E[B B^T] = I; a mask keeps that by dividing the gain by sqrt(density).
             ratio = self.mid_channels / self.out_channels
-            gain = math.sqrt((1 + 1 / ratio) / 2) / math.sqrt(density)
+            gain = math.sqrt((1 + 1 / ratio) / 2) / math.sqrt(B_density)
             nn.init.xavier_uniform_(B, gain=gain, generator=generator)
         elif self.feedback_init == "orthogonal":
-            nn.init.orthogonal_(B, gain=1 / math.sqrt(density), generator=generator)
+            nn.init.orthogonal_(B, gain=1 / math.sqrt(B_density), generator=generator)
         else:
             B.copy_(torch.eye(self.out_channels, dtype=torch.float64))
-        R = torch.empty(self.R.shape, dtype=torch.float64)
+        R = torch.empty(self.R_shape, dtype=torch.float64)
         nn.init.xavier_uniform_(R, generator=generator)
-        if self.B_mask is not None:
-            B_mask = torch.rand(B.shape, generator=generator, dtype=torch.float64) < density
-            R_mask = torch.rand(R.shape, generator=generator, dtype=torch.float64) < density
-            self.B_mask.copy_(B_mask)
-            self.R_mask.copy_(R_mask)
+        B_mask = R_mask = None
+        if B_density < 1:
+            B_mask = torch.rand(B.shape, generator=generator, dtype=torch.float64) < B_density
             B.mul_(B_mask)
+        if R_density < 1:
+            R_mask = torch.rand(R.shape, generator=generator, dtype=torch.float64) < R_density
             R.mul_(R_mask)
+        return B, R, B_mask, R_mask
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw masks, B and R_0 from the layer's seed (the same values every time); projected: Z_0 = M^+ B R_0."""
+        B, R, B_mask, R_mask = self._draw()
+        if B_mask is not None:
+            self.B_mask.copy_(B_mask)
+        if R_mask is not None:
+            self.R_mask.copy_(R_mask)
         self.B.copy_(B)
-        self.R.copy_(R)
+        if self.parametrization == "explicit":
+            self.R.copy_(R)
+        else:
+            self.Z.copy_(project_onto_feedback(B, R, self.groups)[0])
+            if self.M is not None:
+                self.M.copy_(projection_matrix(self.B, self.groups))
+            self.R_null = None
 
     def effective_R(self) -> torch.Tensor:
-        """R as the layer uses it: R * R_mask with a sparse mask, else R. (C_mid, C_in/groups, *kernel)."""
+        """R as an explicit layer uses it: R * R_mask with a sparse mask, else R. (C_mid, C_in/groups, *kernel)."""
+        if self.parametrization != "explicit":
+            raise RuntimeError("effective_R() is for explicit feedback; this layer is projected (see explicit_R())")
         return self.R if self.R_mask is None else self.R * self.R_mask
 
+    @torch.no_grad()
+    def explicit_R(self) -> torch.Tensor:
+        """The explicit R this feedback is: R itself, or B^T Z + N for a projected layer. (C_mid, C_in/groups, *k)."""
+        if self.parametrization == "explicit":
+            return self.effective_R().detach().clone()
+        return (explicit_from_projected(self.B, self.Z, self.groups) + self._null_part()).to(self.Z.dtype)
+
+    def _null_part(self) -> torch.Tensor:
+        if self.R_null is not None:
+            return self.R_null.double()
+        # Built projected: the null-space part of the seeded R_0 (it never affects training).
+        R_0 = self._draw()[1].to(self.B.device)
+        return project_onto_feedback(self.B, R_0, self.groups)[1]
+
     def feedback_weight(self) -> torch.Tensor:
-        """W_fb = B·R: W's shape, or dense (C_out, C_in, *kernel) when groups > 1 (DESIGN §2.3)."""
-        return feedback_product(self.B, self.effective_R(), self.groups)
+        """W_fb = B·R (or M·Z): W's shape, or dense (C_out, C_in, *kernel) when groups > 1 (DESIGN §2.3)."""
+        if self.parametrization == "explicit":
+            return feedback_product(self.B, self.effective_R(), self.groups)
+        return projected_feedback_product(self.B, self.M, self.Z, self.groups)
+
+    @torch.no_grad()
+    def to_projected(self) -> None:
+        """Switch to the projected parametrization in place, keeping B·R exactly (R's null part is kept)."""
+        if self.parametrization == "projected":
+            return
+        if self.R_mask is not None:
+            raise ValueError(_MASKED_R_MESSAGE.format(f"this layer has feedback_density={self.feedback_density!r}"))
+        Z, null = project_onto_feedback(self.B, self.R, self.groups)
+        R = self.R
+        # For C_mid/G <= C_out (and a full-rank B) R lies in B^T's range and N is rounding noise: keep nothing.
+        null = None if null.norm() <= 1e-10 * R.double().norm() else null.to(R.dtype)
+        del self.R
+        self.parametrization = "projected"
+        self._add_projected_state(Z.to(R.dtype), null, R.requires_grad)
+
+    @torch.no_grad()
+    def to_explicit(self) -> None:
+        """Switch to the explicit parametrization in place: R = B^T Z + N."""
+        if self.parametrization == "explicit":
+            return
+        R = self.explicit_R()
+        requires_grad = self.Z.requires_grad
+        del self.Z
+        self.M = self.R_null = None
+        self.parametrization = "explicit"
+        self.R = nn.Parameter(R, requires_grad=requires_grad)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -126,11 +279,25 @@ class PFAFeedback(nn.Module):
         # state at all: load its weight and bias and keep this layer's feedback as drawn.
         if not any(key.startswith(prefix) for key in state_dict):
             return
+        held = "R" if prefix + "R" in state_dict else "Z" if prefix + "Z" in state_dict else None
+        mine = "R" if self.parametrization == "explicit" else "Z"
+        if held is not None and held != mine:
+            other = "explicit" if held == "R" else "projected"
+            error_msgs.append(
+                f"{prefix[:-1] or 'feedback'}: the checkpoint holds {other} feedback ({held}) but this layer is "
+                f"{self.parametrization}; build the model with parametrization={other!r} to load it, then switch with "
+                f"pk.reparametrize(model, {self.parametrization!r})")
+            return
+        if self.parametrization == "projected":
+            # R_null is None (seeded) unless the layer was switched from an explicit R; follow the checkpoint.
+            key = prefix + "R_null"
+            self.R_null = torch.empty_like(state_dict[key], device=self.B.device) if key in state_dict else None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def extra_repr(self) -> str:
-        text = f"B: ({self.out_channels}, {self.mid_channels}), R: {tuple(self.R.shape)}, init={self.feedback_init!r}"
-        if self.feedback_density < 1:
+        learned = f"R: {self.R_shape}" if self.parametrization == "explicit" else f"Z: {self.Z_shape}"
+        text = f"B: ({self.out_channels}, {self.mid_channels}), {learned}, init={self.feedback_init!r}"
+        if min(feedback_densities(self.feedback_density)) < 1:
             text += f", density={self.feedback_density}"
-        return text + f", seed={self.seed}"
+        return text + f", parametrization={self.parametrization!r}, seed={self.seed}"

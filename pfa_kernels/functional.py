@@ -1,15 +1,17 @@
 """Functional PFA layers: validate, apply autocast, and call the custom op (or the literal reference).
 
-Every function takes the forward parameters (weight, bias) and the feedback tensors (B, R) explicitly:
+Every function takes the forward parameters (weight, bias) and the feedback tensors explicitly:
 
     x       linear: (..., C_in)            conv: (N, C_in, *spatial) or unbatched (C_in, *spatial)
     weight  linear: (C_out, C_in)          conv: (C_out, C_in/groups, *kernel)
     bias    (C_out,) or None
     B       (C_out, C_mid), fixed; C_mid divisible by groups
-    R       (C_mid, C_in/groups, *kernel)
+    R       (C_mid, C_in/groups, *kernel)                    pfa_linear, pfa_conv1d/2d/3d
+    M, Z    M (groups, C_out, C_out) = B_j B_j^T or None,    pfa_linear_projected, pfa_conv*d_projected
+            Z (C_out, C_in, *kernel): W_fb = M·Z (DESIGN.md section 2.4)
 
 strategy: "auto" (cheapest order per call, see planner.py), "product", "sequence", or "reference"
-(the literal algorithm of reference.py, for checking). backend: "auto" or a named backend, which
+(the literal algorithm of reference.py, for checking; explicit R only). backend: "auto" or a named backend, which
 must be available (it is never swapped silently).
 """
 
@@ -21,10 +23,21 @@ from . import ops, planner, reference
 from .reference import cast_for_autocast
 
 
-def _check_tensors(x, weight, bias, B, R, groups, spatial_dims):
-    named = {"x": x, "weight": weight, "B": B, "R": R}
+def check_strategy_for(strategy, parametrization) -> str:
+    planner.check_strategy(strategy)
+    if strategy == "reference" and parametrization == "projected":
+        raise ValueError("strategy='reference' runs the literal algorithm, which needs an explicit R; use "
+                         "parametrization='explicit' (pk.reparametrize(model, 'explicit')) to compare with it")
+    return strategy
+
+
+def _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spatial_dims):
+    feedback_name = "R" if parametrization == "explicit" else "Z"
+    named = {"x": x, "weight": weight, "B": B, feedback_name: feedback}
     if bias is not None:
         named["bias"] = bias
+    if M is not None:
+        named["M"] = M
     for name, tensor in named.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
@@ -46,9 +59,19 @@ def _check_tensors(x, weight, bias, B, R, groups, spatial_dims):
     mid_channels = B.shape[1]
     if mid_channels % groups:
         raise ValueError(f"groups={groups} must divide C_mid = B.shape[1] = {mid_channels}")
-    expected_R = (mid_channels, *weight.shape[1:])
-    if tuple(R.shape) != expected_R:
-        raise ValueError(f"R must have shape (C_mid, C_in/groups, *kernel) = {expected_R}; got {tuple(R.shape)}")
+    if parametrization == "explicit":
+        expected_R = (mid_channels, *weight.shape[1:])
+        if tuple(feedback.shape) != expected_R:
+            raise ValueError(
+                f"R must have shape (C_mid, C_in/groups, *kernel) = {expected_R}; got {tuple(feedback.shape)}")
+    else:
+        expected_Z = (out_channels, weight.shape[1] * groups, *weight.shape[2:])
+        if tuple(feedback.shape) != expected_Z:
+            raise ValueError(f"Z must have shape (C_out, C_in, *kernel) = {expected_Z}; got {tuple(feedback.shape)}")
+        if M is not None and tuple(M.shape) != (groups, out_channels, out_channels):
+            raise ValueError(
+                f"M must have shape (groups, C_out, C_out) = {(groups, out_channels, out_channels)} or be None; "
+                f"got {tuple(M.shape)}")
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"bias must have shape ({out_channels},); got {tuple(bias.shape)}")
     in_channels = weight.shape[1] * groups
@@ -74,24 +97,20 @@ def _as_tuple(value, spatial_dims, name):
     return value
 
 
-def pfa_linear(x, weight, bias, B, R, strategy="auto", backend="auto"):
-    """PFA linear layer: y = x W^T + b, with the input gradient fed back through B·R.
-
-    x (..., C_in), weight (C_out, C_in), bias (C_out,) or None, B (C_out, C_mid), R (C_mid, C_in).
-    Returns (..., C_out).
-    """
-    planner.check_strategy(strategy)
-    _check_tensors(x, weight, bias, B, R, 1, 0)
+def _linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend):
+    check_strategy_for(strategy, parametrization)
+    _check_tensors(x, weight, bias, B, M, feedback, parametrization, 1, 0)
     if strategy == "reference":
-        return reference.pfa_linear(x, weight, bias, B, R)
+        return reference.pfa_linear(x, weight, bias, B, feedback)
     backend = planner.resolve_backend(backend, x.device.type)
-    x, weight, bias, B, R = cast_for_autocast([x, weight, bias, B, R], x.device.type)
-    return ops.linear(x, weight, bias, B, R, strategy, backend)
+    x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
+    return ops.linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
 
 
-def _pfa_conv(spatial_dims, x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend):
-    planner.check_strategy(strategy)
-    _check_tensors(x, weight, bias, B, R, groups, spatial_dims)
+def _conv(spatial_dims, x, weight, bias, B, M, feedback, parametrization, stride, padding, dilation, groups, strategy,
+          backend):
+    check_strategy_for(strategy, parametrization)
+    _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spatial_dims)
     stride = _as_tuple(stride, spatial_dims, "stride")
     padding = _as_tuple(padding, spatial_dims, "padding")
     dilation = _as_tuple(dilation, spatial_dims, "dilation")
@@ -101,27 +120,66 @@ def _pfa_conv(spatial_dims, x, weight, bias, B, R, stride, padding, dilation, gr
     if unbatched:
         x = x.unsqueeze(0)
     if strategy == "reference":
-        y = reference.pfa_conv(x, weight, bias, B, R, stride, padding, dilation, groups)
+        y = reference.pfa_conv(x, weight, bias, B, feedback, stride, padding, dilation, groups)
     else:
         backend = planner.resolve_backend(backend, x.device.type)
-        x, weight, bias, B, R = cast_for_autocast([x, weight, bias, B, R], x.device.type)
-        y = ops.conv(x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend)
+        x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
+        y = ops.conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
+                     backend)
     return y.squeeze(0) if unbatched else y
+
+
+def pfa_linear(x, weight, bias, B, R, strategy="auto", backend="auto"):
+    """PFA linear layer: y = x W^T + b, with the input gradient fed back through B·R.
+
+    x (..., C_in), weight (C_out, C_in), bias (C_out,) or None, B (C_out, C_mid), R (C_mid, C_in).
+    Returns (..., C_out).
+    """
+    return _linear(x, weight, bias, B, None, R, "explicit", strategy, backend)
+
+
+def pfa_linear_projected(x, weight, bias, B, M, Z, strategy="auto", backend="auto"):
+    """Projected PFA linear layer: y = x W^T + b, input gradient fed back through M·Z; Z's gradient is dL/dW.
+
+    x (..., C_in), weight and Z (C_out, C_in), bias (C_out,) or None, B (C_out, C_mid),
+    M (1, C_out, C_out) = B B^T or None (then applied as B (B^T ·)). Returns (..., C_out).
+    """
+    return _linear(x, weight, bias, B, M, Z, "projected", strategy, backend)
 
 
 def pfa_conv1d(x, weight, bias, B, R, stride=1, padding=0, dilation=1, groups=1, strategy="auto", backend="auto"):
     """PFA 1-d convolution with zero padding. x (N, C_in, L), weight (C_out, C_in/groups, k),
     bias (C_out,) or None, B (C_out, C_mid), R (C_mid, C_in/groups, k). Returns (N, C_out, L_out)."""
-    return _pfa_conv(1, x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend)
+    return _conv(1, x, weight, bias, B, None, R, "explicit", stride, padding, dilation, groups, strategy, backend)
 
 
 def pfa_conv2d(x, weight, bias, B, R, stride=1, padding=0, dilation=1, groups=1, strategy="auto", backend="auto"):
     """PFA 2-d convolution with zero padding. x (N, C_in, H, W), weight (C_out, C_in/groups, kh, kw),
     bias (C_out,) or None, B (C_out, C_mid), R (C_mid, C_in/groups, kh, kw). Returns (N, C_out, H_out, W_out)."""
-    return _pfa_conv(2, x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend)
+    return _conv(2, x, weight, bias, B, None, R, "explicit", stride, padding, dilation, groups, strategy, backend)
 
 
 def pfa_conv3d(x, weight, bias, B, R, stride=1, padding=0, dilation=1, groups=1, strategy="auto", backend="auto"):
     """PFA 3-d convolution with zero padding. x (N, C_in, D, H, W), weight (C_out, C_in/groups, kd, kh, kw),
     bias (C_out,) or None, B (C_out, C_mid), R (C_mid, C_in/groups, kd, kh, kw). Returns (N, C_out, *out)."""
-    return _pfa_conv(3, x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend)
+    return _conv(3, x, weight, bias, B, None, R, "explicit", stride, padding, dilation, groups, strategy, backend)
+
+
+def _projected_conv(spatial_dims):
+    def projected_conv(x, weight, bias, B, M, Z, stride=1, padding=0, dilation=1, groups=1, strategy="auto",
+                       backend="auto"):
+        return _conv(spatial_dims, x, weight, bias, B, M, Z, "projected", stride, padding, dilation, groups, strategy,
+                     backend)
+
+    projected_conv.__name__ = projected_conv.__qualname__ = f"pfa_conv{spatial_dims}d_projected"
+    projected_conv.__doc__ = (
+        f"Projected PFA {spatial_dims}-d convolution with zero padding: the input gradient is fed back through\n"
+        f"    M·Z and Z's gradient is the dense correlation conv_weight(x, g) (dL/dW when groups = 1).\n\n"
+        f"    x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel), bias (C_out,) or None, B (C_out, C_mid),\n"
+        f"    M (groups, C_out, C_out) = B_j B_j^T or None, Z (C_out, C_in, *kernel). Returns (N, C_out, *out).\n    ")
+    return projected_conv
+
+
+pfa_conv1d_projected = _projected_conv(1)
+pfa_conv2d_projected = _projected_conv(2)
+pfa_conv3d_projected = _projected_conv(3)

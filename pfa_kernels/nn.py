@@ -8,8 +8,10 @@ Feedback keyword arguments (keyword-only, shared by every layer and pk.convert):
     expand_ratio      C_mid / C_out (int or float > 0; C_mid = round(r * C_out) >= 1); paper: 10
     feedback_init     "random" (PFA), "orthogonal" (PFA-o, B B^T = I when C_mid >= C_out),
                       "identity" (Kolen-Pollack; needs C_mid == C_out)
-    feedback_density  in (0, 1]: fixed Bernoulli masks on B and R
-    parametrization   "explicit" (B and R held as tensors)
+    feedback_density  in (0, 1], or a pair (B density, R density): fixed Bernoulli masks on B and R
+    parametrization   "explicit" (R held as a Parameter) or "projected" (Z, W's shape, with W_fb = M·Z:
+                      exact for SGD-family optimizers at BP's cost, DESIGN.md section 2.4; see
+                      pk.reparametrize and pk.check_optimizer)
     strategy          "auto" | "product" | "sequence" | "reference" (the literal algorithm)
     backend           "auto" | "torch" | "triton" | "cpp" (a named backend must be available)
     feedback_seed     int or None: the seed B, R and the masks are drawn from
@@ -31,10 +33,22 @@ class _PFAMixin:
     def _init_feedback(self, in_per_group, kernel_size, groups, expand_ratio, feedback_init, feedback_density,
                        parametrization, strategy, backend, feedback_seed, device, dtype):
         self.feedback = PFAFeedback(self.weight.shape[0], in_per_group, kernel_size, groups, expand_ratio,
-                                    feedback_init, feedback_density, feedback_seed, device=device, dtype=dtype)
-        self.parametrization = parametrization
+                                    feedback_init, feedback_density, feedback_seed, device=device, dtype=dtype,
+                                    parametrization=parametrization)
         self.strategy = strategy
         self.backend = backend
+
+    @property
+    def parametrization(self) -> str:
+        """ "explicit" or "projected" (pk.reparametrize switches it)."""
+        return self.feedback.parametrization
+
+    def _feedback_arguments(self):
+        """(B, M, feedback tensor, parametrization) as the functional ops take them."""
+        feedback = self.feedback
+        if feedback.parametrization == "explicit":
+            return feedback.B, None, feedback.effective_R(), "explicit"
+        return feedback.B, feedback.M, feedback.Z, "projected"
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -58,14 +72,15 @@ class _PFAMixin:
         backend = planner.resolve_backend(self.backend, self.weight.device.type)
         strategy = "auto" if self.strategy == "reference" else self.strategy
         groups = getattr(self, "groups", 1)
-        mask = [need_input_grad, self.weight.requires_grad, self.bias is not None, self.feedback.R.requires_grad]
+        mask = [need_input_grad, self.weight.requires_grad, self.bias is not None,
+                self.feedback.parameter.requires_grad]
         return ops.plan_backward(output_shape, self.weight.shape, self.feedback.mid_channels, groups, strategy,
-                                 backend, mask)
+                                 backend, mask, self.parametrization, self.feedback.M is not None)
 
 
 def _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend):
     check_feedback_options(feedback_init, feedback_density, parametrization)
-    planner.check_strategy(strategy)
+    functional.check_strategy_for(strategy, parametrization)
     if backend not in planner.BACKENDS:
         raise ValueError(f"backend must be one of {planner.BACKENDS}; got {backend!r}")
 
@@ -74,7 +89,7 @@ class PFALinear(_PFAMixin, nn.Linear):
     """nn.Linear with PFA feedback. Input (..., in_features) -> (..., out_features).
 
     weight (out_features, in_features), bias (out_features,); feedback.B (out_features, C_mid),
-    feedback.R (C_mid, in_features).
+    feedback.R (C_mid, in_features) [explicit] or feedback.Z (out_features, in_features) [projected].
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
@@ -86,8 +101,7 @@ class PFALinear(_PFAMixin, nn.Linear):
                             strategy, backend, feedback_seed, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional.pfa_linear(x, self.weight, self.bias, self.feedback.B, self.feedback.effective_R(),
-                                     self.strategy, self.backend)
+        return functional._linear(x, self.weight, self.bias, *self._feedback_arguments(), self.strategy, self.backend)
 
     def _meta_forward(self, x, weight):
         return F.linear(x, weight)
@@ -120,9 +134,9 @@ class _PFAConvNd(_PFAMixin):
         if pads is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pads, mode=mode)
-        return functional._pfa_conv(self._spatial_dims, x, self.weight, self.bias, self.feedback.B,
-                                    self.feedback.effective_R(), list(self.stride), padding, list(self.dilation),
-                                    self.groups, self.strategy, self.backend)
+        return functional._conv(self._spatial_dims, x, self.weight, self.bias, *self._feedback_arguments(),
+                                list(self.stride), padding, list(self.dilation), self.groups, self.strategy,
+                                self.backend)
 
     def _meta_forward(self, x, weight):
         pads, padding = self._op_padding()
@@ -148,7 +162,8 @@ def _conv_class(base: type[nn.Module], spatial_dims: int, name: str):
 
     doc = (f"nn.{base.__name__} with PFA feedback. Input (N, C_in, *spatial) or (C_in, *spatial), {spatial_dims} "
            f"spatial dims.\n\n    weight (C_out, C_in/groups, *kernel), bias (C_out,); feedback.B (C_out, C_mid), "
-           f"feedback.R (C_mid, C_in/groups, *kernel).\n    ")
+           f"feedback.R (C_mid, C_in/groups, *kernel) [explicit] or feedback.Z (C_out, C_in, *kernel) "
+           f"[projected].\n    ")
     return type(name, (_PFAConvNd, base), {"__init__": __init__, "_spatial_dims": spatial_dims, "__doc__": doc,
                                            "__module__": __name__})
 

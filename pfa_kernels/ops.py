@@ -2,16 +2,22 @@
 
 Four ops in the `pfa_kernels` namespace:
 
-    pfa_kernels::linear(x, weight, bias, B, R, strategy, backend) -> y
-    pfa_kernels::conv(x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend) -> y
-    pfa_kernels::linear_backward(grad_output, x, weight, B, R, strategy, backend, output_mask) -> 4 grads
-    pfa_kernels::conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, groups,
-                               strategy, backend, output_mask) -> 4 grads
+    pfa_kernels::linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend) -> y
+    pfa_kernels::conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization,
+                      strategy, backend) -> y
+    pfa_kernels::linear_backward(grad_output, x, weight, B, M, feedback, parametrization, strategy, backend,
+                                 output_mask) -> 4 grads
+    pfa_kernels::conv_backward(grad_output, x, weight, B, M, feedback, stride, padding, dilation, groups,
+                               parametrization, strategy, backend, output_mask) -> 4 grads
 
-The forward ops compute backpropagation's forward (B and R do not touch the output) and save only
-x, weight, B and R for the backward; the backward ops are opaque to torch.compile, so the planner
-runs on concrete shapes at run time. Gradients a caller does not need come back as empty tensors
-from the backward ops and as None from autograd. output_mask = [input, weight, bias, feedback].
+parametrization "explicit": feedback is R (C_mid, C_in/groups, *kernel) and M is None.
+parametrization "projected": feedback is Z (C_out, C_in, *kernel), M = B_j B_j^T per group
+(G, C_out, C_out), or None to apply it through B (DESIGN.md section 2.4).
+
+The forward ops compute backpropagation's forward (the feedback does not touch the output) and save
+only x, weight, B, M and the feedback tensor; the backward ops are opaque to torch.compile, so the
+planner runs on concrete shapes at run time. Gradients a caller does not need come back as empty
+tensors from the backward ops and as None from autograd. output_mask = [input, weight, bias, feedback].
 """
 
 from __future__ import annotations
@@ -25,9 +31,13 @@ from .backends import torch_ops
 _CONV_BY_SPATIAL_DIMS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strategy, backend, output_mask):
+def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strategy, backend, output_mask,
+                  parametrization="explicit", keeps_projection_matrix=True):
     """The Plan (planner.Plan) a backward call with these shapes and this output_mask follows."""
-    shape = planner.layer_shape(grad_output_shape, weight_shape, mid_channels, groups)
+    out_channels = weight_shape[0]
+    width = out_channels if keeps_projection_matrix else 2 * (mid_channels // groups)
+    shape = planner.layer_shape(grad_output_shape, weight_shape, mid_channels, groups, parametrization,
+                                width if parametrization == "projected" else 0)
     need_input, need_weight, _, need_feedback = output_mask
     return planner.choose_orders(shape, strategy, need_input, need_weight, need_feedback, backend)
 
@@ -41,25 +51,25 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _package_grads(grads, x, weight, R, output_mask):
+def _package_grads(grads, x, weight, feedback, output_mask):
     """Backward outputs in a fixed layout (what the fake kernels promise); empty where masked out."""
-    grad_x, grad_weight, grad_bias, grad_R = grads
+    grad_x, grad_weight, grad_bias, grad_feedback = grads
     return (
         grad_x.contiguous(memory_format=_memory_format(x)) if output_mask[0] else x.new_empty(0),
         grad_weight.contiguous() if output_mask[1] else weight.new_empty(0),
         grad_bias.contiguous() if output_mask[2] else weight.new_empty(0),
-        grad_R.contiguous() if output_mask[3] else R.new_empty(0),
+        grad_feedback.contiguous() if output_mask[3] else feedback.new_empty(0),
     )
 
 
-def _fake_grads(x, weight, R, output_mask):
+def _fake_grads(x, weight, feedback, output_mask):
     out_channels = weight.shape[0]
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
         if output_mask[0] else x.new_empty(0),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if output_mask[1] else weight.new_empty(0),
         weight.new_empty(out_channels) if output_mask[2] else weight.new_empty(0),
-        torch.empty_like(R, memory_format=torch.contiguous_format) if output_mask[3] else R.new_empty(0),
+        torch.empty_like(feedback, memory_format=torch.contiguous_format) if output_mask[3] else feedback.new_empty(0),
     )
 
 
@@ -67,44 +77,49 @@ def _fake_grads(x, weight, R, output_mask):
 
 
 @torch.library.custom_op("pfa_kernels::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor, R: torch.Tensor,
-           strategy: str, backend: str) -> torch.Tensor:
-    """PFA linear forward: y = x W^T + b. x (..., C_in), weight (C_out, C_in), B (C_out, C_mid), R (C_mid, C_in)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor, M: torch.Tensor | None,
+           feedback: torch.Tensor, parametrization: str, strategy: str, backend: str) -> torch.Tensor:
+    """PFA linear forward: y = x W^T + b. x (..., C_in), weight (C_out, C_in), B (C_out, C_mid),
+    feedback R (C_mid, C_in) or Z (C_out, C_in), M (1, C_out, C_out) or None."""
     return F.linear(x, weight, bias)
 
 
 @linear.register_fake
-def _linear_fake(x, weight, bias, B, R, strategy, backend):
+def _linear_fake(x, weight, bias, B, M, feedback, parametrization, strategy, backend):
     return F.linear(x, weight, bias)
 
 
 @torch.library.custom_op("pfa_kernels::linear_backward", mutates_args=())
 def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor,
-                    R: torch.Tensor, strategy: str, backend: str, output_mask: list[bool]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PFA linear backward: (dL/dx, dL/dW, dL/db, dL/dR); grad_output (..., C_out), others as in `linear`."""
-    plan = plan_backward(grad_output.shape, weight.shape, B.shape[1], 1, strategy, backend, output_mask)
-    grads = torch_ops.linear_backward(grad_output, x, weight, B, R, plan, *output_mask)
-    return _package_grads(grads, x, weight, R, output_mask)
+                    M: torch.Tensor | None, feedback: torch.Tensor, parametrization: str, strategy: str, backend: str,
+                    output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PFA linear backward: (dL/dx, dL/dW, dL/db, dL/dfeedback); grad_output (..., C_out), others as in `linear`."""
+    plan = plan_backward(grad_output.shape, weight.shape, B.shape[1], 1, strategy, backend, output_mask,
+                         parametrization, M is not None)
+    if parametrization == "projected":
+        grads = torch_ops.projected_linear_backward(grad_output, x, weight, B, M, feedback, plan, *output_mask)
+    else:
+        grads = torch_ops.linear_backward(grad_output, x, weight, B, feedback, plan, *output_mask)
+    return _package_grads(grads, x, weight, feedback, output_mask)
 
 
 @linear_backward.register_fake
-def _linear_backward_fake(grad_output, x, weight, B, R, strategy, backend, output_mask):
-    return _fake_grads(x, weight, R, output_mask)
+def _linear_backward_fake(grad_output, x, weight, B, M, feedback, parametrization, strategy, backend, output_mask):
+    return _fake_grads(x, weight, feedback, output_mask)
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, B, R, strategy, backend = inputs
-    ctx.save_for_backward(x, weight, B, R)
+    x, weight, bias, B, M, feedback, parametrization, strategy, backend = inputs
+    ctx.save_for_backward(x, weight, B, M, feedback)
     ctx.has_bias = bias is not None
-    ctx.strategy, ctx.backend = strategy, backend
+    ctx.options = (parametrization, strategy, backend)
 
 
 def _linear_autograd_backward(ctx, grad_output):
-    x, weight, B, R = ctx.saved_tensors
+    x, weight, B, M, feedback = ctx.saved_tensors
     mask = _output_mask(ctx)
-    grads = linear_backward(grad_output, x, weight, B, R, ctx.strategy, ctx.backend, mask)
-    return _autograd_grads(grads, mask) + (None, None)
+    grads = linear_backward(grad_output, x, weight, B, M, feedback, *ctx.options, mask)
+    return _autograd_grads(grads, mask) + (None,) * 3
 
 
 linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
@@ -114,53 +129,59 @@ linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_
 
 
 @torch.library.custom_op("pfa_kernels::conv", mutates_args=())
-def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor, R: torch.Tensor,
-         stride: list[int], padding: list[int], dilation: list[int], groups: int, strategy: str, backend: str
-         ) -> torch.Tensor:
+def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor, M: torch.Tensor | None,
+         feedback: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+         parametrization: str, strategy: str, backend: str) -> torch.Tensor:
     """PFA convolution forward (1d/2d/3d by weight.dim()): y = conv(x, W) + b, zero padding.
 
     x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel), bias (C_out,) or None,
-    B (C_out, C_mid), R (C_mid, C_in/groups, *kernel).
+    B (C_out, C_mid), feedback R (C_mid, C_in/groups, *kernel) or Z (C_out, C_in, *kernel),
+    M (groups, C_out, C_out) or None.
     """
     return _CONV_BY_SPATIAL_DIMS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
 @conv.register_fake
-def _conv_fake(x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend):
+def _conv_fake(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
+               backend):
     return _CONV_BY_SPATIAL_DIMS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
 @torch.library.custom_op("pfa_kernels::conv_backward", mutates_args=())
 def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor,
-                  R: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                  strategy: str, backend: str, output_mask: list[bool]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PFA convolution backward: (dL/dx, dL/dW, dL/db, dL/dR); grad_output (N, C_out, *out_spatial)."""
-    plan = plan_backward(grad_output.shape, weight.shape, B.shape[1], groups, strategy, backend, output_mask)
-    grads = torch_ops.conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, groups, plan,
-                                    *output_mask)
-    return _package_grads(grads, x, weight, R, output_mask)
+                  M: torch.Tensor | None, feedback: torch.Tensor, stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, parametrization: str, strategy: str, backend: str,
+                  output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PFA convolution backward: (dL/dx, dL/dW, dL/db, dL/dfeedback); grad_output (N, C_out, *out_spatial)."""
+    plan = plan_backward(grad_output.shape, weight.shape, B.shape[1], groups, strategy, backend, output_mask,
+                         parametrization, M is not None)
+    conv_args = (stride, padding, dilation, groups, plan, *output_mask)
+    if parametrization == "projected":
+        grads = torch_ops.projected_conv_backward(grad_output, x, weight, B, M, feedback, *conv_args)
+    else:
+        grads = torch_ops.conv_backward(grad_output, x, weight, B, feedback, *conv_args)
+    return _package_grads(grads, x, weight, feedback, output_mask)
 
 
 @conv_backward.register_fake
-def _conv_backward_fake(grad_output, x, weight, B, R, stride, padding, dilation, groups, strategy, backend,
-                        output_mask):
-    return _fake_grads(x, weight, R, output_mask)
+def _conv_backward_fake(grad_output, x, weight, B, M, feedback, stride, padding, dilation, groups, parametrization,
+                        strategy, backend, output_mask):
+    return _fake_grads(x, weight, feedback, output_mask)
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, B, R, stride, padding, dilation, groups, strategy, backend = inputs
-    ctx.save_for_backward(x, weight, B, R)
+    x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy, backend = inputs
+    ctx.save_for_backward(x, weight, B, M, feedback)
     ctx.has_bias = bias is not None
     ctx.conv_args = (stride, padding, dilation, groups)
-    ctx.strategy, ctx.backend = strategy, backend
+    ctx.options = (parametrization, strategy, backend)
 
 
 def _conv_autograd_backward(ctx, grad_output):
-    x, weight, B, R = ctx.saved_tensors
+    x, weight, B, M, feedback = ctx.saved_tensors
     mask = _output_mask(ctx)
-    grads = conv_backward(grad_output, x, weight, B, R, *ctx.conv_args, ctx.strategy, ctx.backend, mask)
-    return _autograd_grads(grads, mask) + (None,) * 6
+    grads = conv_backward(grad_output, x, weight, B, M, feedback, *ctx.conv_args, *ctx.options, mask)
+    return _autograd_grads(grads, mask) + (None,) * 7
 
 
 conv.register_autograd(_conv_autograd_backward, setup_context=_conv_setup_context)
@@ -170,11 +191,12 @@ conv.register_autograd(_conv_autograd_backward, setup_context=_conv_setup_contex
 
 
 def _output_mask(ctx) -> list[bool]:
-    need_x, need_weight, need_bias, _, need_R = ctx.needs_input_grad[:5]
-    return [bool(need_x), bool(need_weight), bool(need_bias and ctx.has_bias), bool(need_R)]
+    need_x, need_weight, need_bias, _, _, need_feedback = ctx.needs_input_grad[:6]
+    return [bool(need_x), bool(need_weight), bool(need_bias and ctx.has_bias), bool(need_feedback)]
 
 
 def _autograd_grads(grads, mask):
-    """Autograd's view of the backward op's outputs: (dx, dW, db, dB=None, dR), None where masked."""
-    grad_x, grad_weight, grad_bias, grad_R = (g if wanted else None for g, wanted in zip(grads, mask, strict=True))
-    return grad_x, grad_weight, grad_bias, None, grad_R
+    """Autograd's view of the backward op's outputs: (dx, dW, db, dB=None, dM=None, dfeedback), None where masked."""
+    grad_x, grad_weight, grad_bias, grad_feedback = (
+        g if wanted else None for g, wanted in zip(grads, mask, strict=True))
+    return grad_x, grad_weight, grad_bias, None, None, grad_feedback

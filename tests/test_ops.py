@@ -12,49 +12,74 @@ import pfa_kernels as pk
 from pfa_kernels import ops
 
 
+def _projection(B, groups):
+    B_by_group = B.reshape(B.shape[0], groups, -1).transpose(0, 1)
+    return B_by_group @ B_by_group.transpose(1, 2)
+
+
 def _conv_samples():
-    for groups, strategy in itertools.product((1, 2), ("auto", "product", "sequence")):
-        x = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
-        weight = torch.randn(6, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
-        bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
-        B = torch.randn(6, 4, dtype=torch.float64)
-        R = torch.randn(4, 4 // groups, 3, 3, dtype=torch.float64, requires_grad=True)
-        yield (x, weight, bias, B, R, [2, 1], [1, 0], [1, 2], groups, strategy, "torch")
+    """(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy, backend)."""
+    f64 = {"dtype": torch.float64}
+    for groups, strategy, parametrization in itertools.product((1, 2), ("auto", "product", "sequence"),
+                                                               ("explicit", "projected")):
+        x = torch.randn(2, 4, 6, 5, **f64, requires_grad=True)
+        weight = torch.randn(6, 4 // groups, 3, 3, **f64, requires_grad=True)
+        bias = torch.randn(6, **f64, requires_grad=True)
+        B = torch.randn(6, 4, **f64)
+        if parametrization == "explicit":
+            M, feedback = None, torch.randn(4, 4 // groups, 3, 3, **f64, requires_grad=True)
+        else:
+            M, feedback = _projection(B, groups), torch.randn(6, 4, 3, 3, **f64, requires_grad=True)
+        yield (x, weight, bias, B, M, feedback, [2, 1], [1, 0], [1, 2], groups, parametrization, strategy, "torch")
     x = torch.randn(2, 3, 7, dtype=torch.float32).to(memory_format=torch.contiguous_format)
-    yield (x, torch.randn(5, 3, 3), None, torch.randn(5, 2), torch.randn(2, 3, 3), [1], [1], [1], 1, "auto", "torch")
+    yield (x, torch.randn(5, 3, 3), None, torch.randn(5, 2), None, torch.randn(2, 3, 3), [1], [1], [1], 1, "explicit",
+           "auto", "torch")
+    # Projected with M applied through B (M = None): C_mid small next to C_out.
+    yield (x, torch.randn(5, 3, 3), None, torch.randn(5, 2), None, torch.randn(5, 3, 3, requires_grad=True), [1], [1],
+           [1], 1, "projected", "sequence", "torch")
     x = torch.randn(2, 4, 5, 6).to(memory_format=torch.channels_last).requires_grad_()
-    yield (x, torch.randn(3, 4, 1, 1), None, torch.randn(3, 9), torch.randn(9, 4, 1, 1), [1, 1], [0, 0], [1, 1], 1,
-           "product", "torch")
+    yield (x, torch.randn(3, 4, 1, 1), None, torch.randn(3, 9), None, torch.randn(9, 4, 1, 1), [1, 1], [0, 0], [1, 1],
+           1, "explicit", "product", "torch")
 
 
 def _linear_samples():
-    for strategy in ("auto", "product", "sequence"):
-        yield (torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True),
-               torch.randn(4, 5, dtype=torch.float64, requires_grad=True),
-               torch.randn(4, dtype=torch.float64, requires_grad=True), torch.randn(4, 9, dtype=torch.float64),
-               torch.randn(9, 5, dtype=torch.float64, requires_grad=True), strategy, "torch")
+    """(x, weight, bias, B, M, feedback, parametrization, strategy, backend)."""
+    f64 = {"dtype": torch.float64}
+    for strategy, parametrization in itertools.product(("auto", "product", "sequence"), ("explicit", "projected")):
+        B = torch.randn(4, 9, **f64)
+        M, feedback = ((None, torch.randn(9, 5, **f64, requires_grad=True)) if parametrization == "explicit"
+                       else (_projection(B, 1), torch.randn(4, 5, **f64, requires_grad=True)))
+        yield (torch.randn(3, 2, 5, **f64, requires_grad=True), torch.randn(4, 5, **f64, requires_grad=True),
+               torch.randn(4, **f64, requires_grad=True), B, M, feedback, parametrization, strategy, "torch")
 
 
-@pytest.mark.parametrize("sample", list(_conv_samples()), ids=lambda s: f"g{s[8]}-{s[9]}-{s[0].dim() - 2}d")
+def _conv_id(sample):
+    return f"{sample[10]}-g{sample[9]}-{sample[11]}-{sample[0].dim() - 2}d{'-M' if sample[4] is not None else ''}"
+
+
+@pytest.mark.parametrize("sample", list(_conv_samples()), ids=_conv_id)
 def test_opcheck_conv(sample):
     torch.library.opcheck(ops.conv, sample)
 
 
-@pytest.mark.parametrize("sample", list(_linear_samples()), ids=lambda s: s[5])
+@pytest.mark.parametrize("sample", list(_linear_samples()), ids=lambda s: f"{s[6]}-{s[7]}")
 def test_opcheck_linear(sample):
     torch.library.opcheck(ops.linear, sample)
 
 
-@pytest.mark.parametrize("mask", [[True, True, True, True], [False, True, False, True], [True, False, True, False]])
-def test_opcheck_backward_ops(mask):
-    x, weight, _, B, R, stride, padding, dilation, groups, strategy, backend = next(iter(_conv_samples()))
+@pytest.mark.parametrize("parametrization", ["explicit", "projected"])
+@pytest.mark.parametrize("mask", [[True, True, True, True], [False, True, False, True], [True, False, True, False],
+                                  [False, False, False, True]])
+def test_opcheck_backward_ops(mask, parametrization):
+    conv_sample = next(s for s in _conv_samples() if s[10] == parametrization)
+    x, weight, _, B, M, feedback, *conv_args = conv_sample
     grad_output = torch.randn(2, 6, 3, 1, dtype=torch.float64)
-    torch.library.opcheck(ops.conv_backward, (grad_output, x.detach(), weight.detach(), B, R.detach(), stride,
-                                              padding, dilation, groups, strategy, backend, mask))
-    x, weight, _, B, R, strategy, backend = next(iter(_linear_samples()))
+    torch.library.opcheck(ops.conv_backward, (grad_output, x.detach(), weight.detach(), B, M, feedback.detach(),
+                                              *conv_args, mask))
+    x, weight, _, B, M, feedback, *options = next(s for s in _linear_samples() if s[6] == parametrization)
     grad_output = torch.randn(3, 2, 4, dtype=torch.float64)
-    torch.library.opcheck(ops.linear_backward, (grad_output, x.detach(), weight.detach(), B, R.detach(), strategy,
-                                                backend, mask))
+    torch.library.opcheck(ops.linear_backward, (grad_output, x.detach(), weight.detach(), B, M, feedback.detach(),
+                                                *options, mask))
 
 
 def _small_pfa_cnn():

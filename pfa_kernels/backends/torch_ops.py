@@ -147,3 +147,123 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
         grad_R = seq_R if sequence_feedback else grad_R
 
     return (grad_x if need_input else None), (grad_weight if need_weight else None), grad_bias, grad_R
+
+
+# ----------------------------------------------------------------------------- projected (DESIGN §2.4)
+#
+# A projected layer holds Z (C_out, C_in, *kernel), dense over groups, and, per group j, the fixed
+# M_j = B_j B_j^T (G, C_out, C_out), where B_j (C_out, C_mid/G) are B's columns of group j. M is None
+# when it is cheaper to apply it as B_j (B_j^T ·) (feedback.py decides): nothing here has C_mid in its
+# shape unless M is None.
+
+
+def _columns_by_group(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """(C_out, C_in, *kernel) -> (G, C_out, C_in/G * prod(kernel)): the input columns of each group."""
+    return dense.reshape(dense.shape[0], groups, -1).transpose(0, 1)
+
+
+def apply_projection(B: torch.Tensor, M: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+    """M_j · columns_j for every group j: columns (G, C_out, n) -> (G, C_out, n).
+
+    M (G, C_out, C_out), or None to apply B_j (B_j^T ·) with B (C_out, C_mid).
+    """
+    if M is not None:
+        return torch.bmm(M, columns)
+    groups = columns.shape[0]
+    B_by_group = B.reshape(B.shape[0], groups, -1).transpose(0, 1)  # (G, C_out, C_mid/G)
+    return torch.bmm(B_by_group, torch.bmm(B_by_group.transpose(1, 2), columns))
+
+
+def projected_feedback_product(B: torch.Tensor, M: torch.Tensor | None, Z: torch.Tensor, groups: int = 1):
+    """W_fb = M·Z per group: (C_out, C_in, *kernel), dense over groups, like feedback_product(B, R).
+
+    B (C_out, C_mid), M (G, C_out, C_out) or None, Z (C_out, C_in, *kernel).
+    """
+    product = apply_projection(B, M, _columns_by_group(Z, groups))  # (G, C_out, K)
+    return product.transpose(0, 1).reshape(Z.shape)
+
+
+def projected_error(grad_output: torch.Tensor, B: torch.Tensor, M: torch.Tensor | None, groups: int,
+                    channel_dim: int) -> torch.Tensor:
+    """g'_j = M_j g at every position, stacked over groups: C_out channels -> G * C_out channels."""
+    rows = grad_output.movedim(channel_dim, -1)
+    flat = rows.reshape(-1, rows.shape[-1]).t().unsqueeze(0).expand(groups, -1, -1)  # (G, C_out, positions)
+    projected = apply_projection(B, M, flat)  # M is symmetric: M_j g = (g^T M_j)^T
+    projected = projected.reshape(-1, projected.shape[-1]).t()  # (positions, G * C_out)
+    return projected.reshape(*rows.shape[:-1], -1).movedim(-1, channel_dim)
+
+
+def _distinct(grad_feedback, grad_weight):
+    """dL/dZ of an ungrouped layer is dL/dW: return a copy when both are handed out, so that the
+    two .grad fields never share memory (an in-place clip of one must not touch the other)."""
+    return grad_feedback.clone() if grad_feedback is grad_weight else grad_feedback
+
+
+def projected_linear_backward(grad_output, x, weight, B, M, Z, plan: Plan, need_input, need_weight, need_bias,
+                              need_feedback):
+    """Gradients of a projected PFA linear layer: (dL/dx, dL/dW, dL/db, dL/dZ), None where not needed.
+
+    grad_output (..., C_out), x (..., C_in), weight and Z (C_out, C_in), B (C_out, C_mid),
+    M (1, C_out, C_out) or None.
+    """
+    x_rows = x.reshape(-1, x.shape[-1])
+    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    grad_x = grad_weight = grad_bias = grad_Z = None
+    if need_weight or need_feedback:
+        grad_weight = grad_rows.t().mm(x_rows)
+    if need_bias:
+        grad_bias = grad_rows.sum(0)
+    if need_input:
+        if plan.input_order == "product":
+            grad_x = grad_rows.mm(projected_feedback_product(B, M, Z))
+        else:
+            grad_x = projected_error(grad_rows, B, M, 1, channel_dim=1).mm(Z)
+        grad_x = grad_x.reshape(x.shape)
+    if need_feedback:
+        grad_Z = grad_weight.clone() if need_weight else grad_weight  # separate memory for the two .grad fields
+    return grad_x, (grad_weight if need_weight else None), grad_bias, grad_Z
+
+
+def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, dilation, groups, plan: Plan,
+                            need_input, need_weight, need_bias, need_feedback):
+    """Gradients of a projected PFA convolution (1d/2d/3d): (dL/dx, dL/dW, dL/db, dL/dZ), None where not needed.
+
+    grad_output (N, C_out, *out_spatial), x (N, C_in, *spatial), weight (C_out, C_in/G, *kernel),
+    B (C_out, C_mid), M (G, C_out, C_out) or None, Z (C_out, C_in, *kernel). Zero padding.
+    """
+    spatial_dims = x.dim() - 2
+    bias_sizes = [weight.shape[0]] if need_bias else None
+
+    def conv_grads(grad, weight_like, conv_groups, mask):
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight_like, bias_sizes if mask[2] else None, stride, padding, dilation, False,
+            [0] * spatial_dims, conv_groups, mask)
+
+    grad_x = grad_weight = grad_bias = None
+    correlation = None  # conv_weight(x, g) with groups = 1: dL/dZ, and dL/dW itself when groups = 1
+    want_correlation = need_feedback or (groups == 1 and need_weight)
+    if need_input and plan.input_order == "product":
+        grad_x, correlation, grad_bias = conv_grads(
+            grad_output, projected_feedback_product(B, M, Z, groups), 1, [True, want_correlation, need_bias])
+    elif need_feedback:
+        _, correlation, grad_bias = conv_grads(grad_output, Z, 1, [False, True, need_bias])
+
+    if need_weight and correlation is not None:
+        grad_weight = correlation if groups == 1 else weight_grad_from_correlation(correlation, groups)
+    if (need_weight and grad_weight is None) or (need_bias and grad_bias is None):
+        _, bp_weight, bp_bias = conv_grads(
+            grad_output, weight, groups, [False, need_weight and grad_weight is None, need_bias and grad_bias is None])
+        grad_weight = bp_weight if grad_weight is None else grad_weight
+        grad_bias = bp_bias if grad_bias is None else grad_bias
+
+    if need_input and plan.input_order == "sequence":
+        # conv_transpose(M g, Z): the groups' projected errors against Z's columns of each group.
+        out_channels = Z.shape[0]
+        Z_grouped = Z.reshape(out_channels, groups, -1, *Z.shape[2:]).transpose(0, 1).reshape(
+            groups * out_channels, -1, *Z.shape[2:])
+        grad_x, _, _ = conv_grads(projected_error(grad_output, B, M, groups, channel_dim=1), Z_grouped, groups,
+                                  [True, False, False])
+    grad_Z = None
+    if need_feedback:
+        grad_Z = _distinct(correlation, grad_weight) if need_weight else correlation
+    return grad_x, (grad_weight if need_weight else None), grad_bias, grad_Z
