@@ -1,7 +1,10 @@
 """ResNet training step: PFA (fast paths and the literal algorithm) against backpropagation.
 
     python benchmarks/bench_resnet_step.py [--model resnet18] [--batch 16] [--size 224]
-                                           [--expand-ratio 10] [--repeats 5] [--strategies auto,reference]
+                                           [--expand-ratio 10] [--repeats 5] [--impls projected,explicit]
+
+--impls: comma-separated PFA implementations, each "parametrization[-strategy]": projected, explicit,
+explicit-reference (the literal algorithm), projected-sequence, explicit-product, ...
 
 One training step = forward, cross-entropy, backward, SGD step (momentum 0.9, weight decay). All
 models start from the same weights; steps are interleaved (BP, PFA, ..., BP, PFA, ...) after one
@@ -40,17 +43,20 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--expand-ratio", type=float, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--strategies", default="auto,reference",
-                        help="comma-separated PFA strategies to time beside BP (auto, product, sequence, reference)")
+    parser.add_argument("--impls", default="projected,explicit",
+                        help="comma-separated PFA implementations to time beside BP: parametrization[-strategy], "
+                             "e.g. projected,explicit,explicit-reference")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/resnet_step.jsonl"))
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     bp_model = getattr(torchvision.models, args.model)()
     models = {"bp": bp_model}
-    for strategy in args.strategies.split(","):
-        models[f"pfa-{strategy}"] = pk.convert(copy.deepcopy(bp_model), expand_ratio=args.expand_ratio,
-                                               strategy=strategy, feedback_seed=0)
+    for impl in args.impls.split(","):
+        parametrization, _, strategy = impl.partition("-")
+        models[f"pfa-{impl}"] = pk.convert(copy.deepcopy(bp_model), expand_ratio=args.expand_ratio,
+                                           parametrization=parametrization, strategy=strategy or "auto",
+                                           feedback_seed=0)
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
                   for name, m in models.items()}
     images = torch.randn(args.batch, 3, args.size, args.size)
@@ -68,12 +74,12 @@ def main(argv=None):
     bp_median = statistics.median(times["bp"])
     print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, expand_ratio {args.expand_ratio}, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
-    print(f"{'implementation':<16} {'median s':>9} {'min s':>7} {'max s':>7} {'ratio vs BP':>12}")
+    print(f"{'implementation':<24} {'median s':>9} {'min s':>7} {'max s':>7} {'ratio vs BP':>12}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a") as out:
         for name, samples in times.items():
             median = statistics.median(samples)
-            print(f"{name:<16} {median:>9.3f} {min(samples):>7.3f} {max(samples):>7.3f} {median / bp_median:>12.2f}")
+            print(f"{name:<24} {median:>9.3f} {min(samples):>7.3f} {max(samples):>7.3f} {median / bp_median:>12.2f}")
             out.write(json.dumps({
                 "benchmark": "train_step", "model": args.model, "impl": name, "batch": args.batch,
                 "size": args.size, "expand_ratio": args.expand_ratio, "median_s": median, "samples_s": samples,

@@ -6,6 +6,9 @@ Trains the same small CNN (same initial weights) with each rule, using the paper
 momentum 0.9 and a large weight decay for the first epochs, then a small one. Prints a table (test
 accuracy, final path alignment and norm ratio, seconds per epoch) and writes a PNG plot of test
 accuracy and path alignment per epoch, plus the numbers as JSON.
+
+The PFA rules use the projected parametrization, the recommended one for SGD training: it is the same
+learning rule as an explicit R (exactly, for SGD; DESIGN.md section 2.4) at backpropagation's cost.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import pfa_kernels as pk
 # name -> pk.convert keyword arguments (None: plain backpropagation)
 METHODS = {
     "BP": None,
-    "PFA (r=10)": dict(expand_ratio=10, feedback_init="random"),
-    "PFA-o": dict(expand_ratio=1, feedback_init="orthogonal"),
-    "KP": dict(expand_ratio=1, feedback_init="identity"),
+    "PFA (r=10)": dict(expand_ratio=10, feedback_init="random", parametrization="projected"),
+    "PFA-o": dict(expand_ratio=1, feedback_init="orthogonal", parametrization="projected"),
+    "KP": dict(expand_ratio=1, feedback_init="identity", parametrization="projected"),
 }
 
 
@@ -76,7 +79,7 @@ def train_one(name, layer_kwargs, data, args, progress):
     model = small_cnn()  # the same initial weights for every method
     if layer_kwargs is not None:
         model = pk.convert(model, **layer_kwargs)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    optimizer = pk.check_optimizer(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), model)
     generator = torch.Generator().manual_seed(args.seed)
     history = {"accuracy": [], "alignment": [], "norm_ratio": [], "epoch_seconds": []}
     for epoch in range(args.epochs):

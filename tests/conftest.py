@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pfa_kernels as pk
 from pfa_kernels import reference
+from pfa_kernels.backends import torch_ops
 
 # Relative error bounds (norm of the difference / norm of the reference) against a float64 reference.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -39,8 +42,9 @@ def assert_relative_close(actual, expected, bound, what=""):
 def layer_gradients(layer, x, grad_output=None, forward=None):
     """Run layer (or forward(x)) on a copy of x, backpropagate grad_output (random if None).
 
-    Returns (output, {"x": dL/dx, "weight": ..., "bias": ..., "R": ...}); the layer's .grad fields are
-    cleared before and restored to None after.
+    Returns (output, {"x": dL/dx, "weight": ..., "bias": ..., "R": ...}, grad_output), where "R" is the
+    gradient of the layer's feedback parameter (R, or Z for a projected layer); the layer's .grad fields
+    are cleared before and restored to None after.
     """
     x = x.detach().clone().requires_grad_(True)
     for parameter in layer.parameters():
@@ -49,7 +53,7 @@ def layer_gradients(layer, x, grad_output=None, forward=None):
     if grad_output is None:
         grad_output = torch.randn_like(output)
     output.backward(grad_output)
-    grads = {"x": x.grad, "weight": layer.weight.grad, "R": layer.feedback.R.grad}
+    grads = {"x": x.grad, "weight": layer.weight.grad, "R": layer.feedback.parameter.grad}
     if layer.bias is not None:
         grads["bias"] = layer.bias.grad
     for parameter in layer.parameters():
@@ -72,9 +76,25 @@ def literal_forward(layer):
     return forward
 
 
+def explicit_twin(layer):
+    """A copy of a projected layer switched to explicit R = B^T Z + N: the same W_fb, for the literal algorithm."""
+    twin = copy.deepcopy(layer)
+    twin.feedback.to_explicit()
+    return twin
+
+
+def projected_to_R_grad(layer, grad_Z):
+    """What dL/dZ of a projected layer means for R: dL/dR = B^T dL/dZ per group (DESIGN.md section 2.4)."""
+    return torch_ops.feedback_grad_from_correlation(layer.feedback.B, grad_Z, layer.feedback.groups)
+
+
 def assert_matches_reference(layer, x, bound):
-    """The layer's output and every gradient equal the literal algorithm's within `bound`."""
+    """The layer's output and every gradient equal the literal algorithm's within `bound`. For a projected
+    layer the literal algorithm runs on its explicit twin, and B^T dL/dZ is compared with dL/dR."""
     output, grads, grad_output = layer_gradients(layer, x)
+    if layer.parametrization == "projected":
+        grads["R"] = projected_to_R_grad(layer, grads["R"])
+        layer = explicit_twin(layer)
     expected_output, expected_grads, _ = layer_gradients(layer, x, grad_output, literal_forward(layer))
     assert_relative_close(output, expected_output, bound, "output")
     for name, expected in expected_grads.items():

@@ -100,3 +100,37 @@ def test_feedback_is_identical_in_another_process():
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": "123"}).stdout
     assert float(output.strip()) == expected
+
+
+def test_density_pair_masks_B_and_R_separately():
+    B_only = PFAFeedback(6, 3, (3,), expand_ratio=2, feedback_density=(0.5, 1.0), seed=1)
+    both = PFAFeedback(6, 3, (3,), expand_ratio=2, feedback_density=0.5, seed=1)
+    assert B_only.R_mask is None and B_only.B_mask is not None
+    assert torch.equal(B_only.B, both.B)  # a scalar density is the pair (d, d): the same draws for B
+    R_only = PFAFeedback(6, 3, (3,), expand_ratio=2, feedback_density=(1, 0.5), seed=1)
+    assert R_only.B_mask is None and not R_only.R_mask.all()
+    for bad, error in (((0.5,), TypeError), ((0.5, 0), ValueError), (("a", 1), TypeError), ((1, 1.5), ValueError)):
+        with pytest.raises(error, match="feedback_density"):
+            PFAFeedback(6, 3, feedback_density=bad)
+
+
+def test_projection_matrix_is_kept_only_when_cheaper():
+    """M (G, C_out, C_out) is kept when G * C_out <= 2 * C_mid; else M·Z is applied as B_j (B_j^T Z_j)."""
+    kept = PFAFeedback(8, 2, (3, 3), groups=2, expand_ratio=1, parametrization="projected", seed=0)
+    assert kept.M.shape == (2, 8, 8) and kept.Z.shape == (8, 4, 3, 3)
+    through_B = PFAFeedback(8, 1, (3, 3), groups=8, expand_ratio=1, parametrization="projected", seed=0)
+    assert through_B.M is None and through_B.Z.shape == (8, 8, 3, 3)
+    assert "M" not in through_B.state_dict() and "parametrization='projected'" in repr(through_B)
+    explicit = PFAFeedback(8, 1, (3, 3), groups=8, expand_ratio=1, seed=0)
+    torch.testing.assert_close(through_B.feedback_weight(), explicit.feedback_weight())
+    with pytest.raises(RuntimeError, match="projected"):
+        through_B.effective_R()
+
+
+def test_projected_reset_parameters_redraws_the_same_feedback():
+    feedback = PFAFeedback(6, 3, (3, 3), expand_ratio=4, parametrization="projected", seed=9)
+    Z, M = feedback.Z.detach().clone(), feedback.M.clone()
+    with torch.no_grad():
+        feedback.Z.mul_(2)
+    feedback.reset_parameters()
+    assert torch.equal(feedback.Z, Z) and torch.equal(feedback.M, M)

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import LOW_PRECISION_ERROR_FACTOR, LOW_PRECISION_FLOOR, STRATEGIES, relative_error
+from conftest import (
+    LOW_PRECISION_ERROR_FACTOR,
+    LOW_PRECISION_FLOOR,
+    STRATEGIES,
+    explicit_twin,
+    projected_to_R_grad,
+    relative_error,
+)
 
 import pfa_kernels as pk
 from pfa_kernels import functional, reference
@@ -152,3 +161,84 @@ def test_named_backend_torch_runs_and_auto_reports_its_choice():
     x, weight, bias, B, R = _conv_tensors(2)
     torch.testing.assert_close(functional.pfa_conv2d(x, weight, bias, B, R, backend="torch"),
                                functional.pfa_conv2d(x, weight, bias, B, R, backend="auto"))
+
+
+def _layer_grads(layer, x, autocast_dtype=None):
+    """Output and (x, weight, bias, feedback) gradients of a layer, under autocast if a dtype is given."""
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        y = layer(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype))
+    return y, [x.grad, layer.weight.grad, layer.bias.grad, layer.feedback.parameter.grad]
+
+
+@pytest.mark.parametrize("strategy", ("product", "sequence"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("kind", ("linear", "conv2d-groups"))
+def test_projected_autocast_against_low_precision_reference(kind, dtype, strategy):
+    """A projected layer under autocast against the literal algorithm on its explicit twin (R = B^T Z + N),
+    run under the same autocast and in float64; dL/dZ is compared through B^T. (B is well conditioned here,
+    as at the paper's r = 10; see PFAFeedback._warn_if_ill_conditioned for the other case.)"""
+    if kind == "linear":
+        layer, x = pk.PFALinear(16, 12, expand_ratio=10, parametrization="projected", strategy=strategy), \
+            torch.randn(6, 16)
+    else:
+        layer = pk.PFAConv2d(8, 12, 3, stride=2, padding=1, groups=2, expand_ratio=10, parametrization="projected",
+                             strategy=strategy)
+        x = torch.randn(2, 8, 7, 7)
+    twin = explicit_twin(layer)
+    twin.strategy = "reference"
+    fast_y, fast_grads = _layer_grads(layer, x, dtype)
+    assert fast_y.dtype == dtype and all(g.dtype == torch.float32 for g in fast_grads)
+    fast_grads[3] = projected_to_R_grad(layer, fast_grads[3])
+    ref_y, ref_grads = _layer_grads(twin, x, dtype)
+    exact_y, exact_grads = _layer_grads(copy.deepcopy(twin).double(), x.double())
+    for name, fast, ref, exact in zip(("y", "x", "weight", "bias", "R"), [fast_y, *fast_grads], [ref_y, *ref_grads],
+                                      [exact_y, *exact_grads], strict=True):
+        fast_error, ref_error = relative_error(fast, exact), relative_error(ref, exact)
+        assert fast_error <= LOW_PRECISION_ERROR_FACTOR * ref_error + LOW_PRECISION_FLOOR[dtype], (
+            name, fast_error, ref_error)
+
+
+def _projected_tensors(groups=1, keep_M=True):
+    x, weight, bias, B, _ = _conv_tensors(2, groups, dtype=torch.float32)
+    B_by_group = B.reshape(B.shape[0], groups, -1).transpose(0, 1)
+    M = B_by_group @ B_by_group.transpose(1, 2) if keep_M else None
+    Z = torch.randn(weight.shape[0], weight.shape[1] * groups, 3, 3)
+    return x, weight, bias, B, M, Z
+
+
+@pytest.mark.parametrize("keep_M", [True, False])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_projected_functional_matches_explicit(groups, keep_M):
+    """pfa_conv2d_projected with Z = pinv(B^T) R gives the explicit op's dL/dx, and dL/dZ = the dense correlation."""
+    x, weight, bias, B, R = _conv_tensors(2, groups)
+    Z = pk.feedback.project_onto_feedback(B, R, groups)[0].requires_grad_(True)
+    M = pk.feedback.projection_matrix(B, groups) if keep_M else None
+    x_explicit, x_projected = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    grad_output = torch.randn(2, 2 * groups, 3, 3, dtype=torch.float64)
+    functional.pfa_conv2d(x_explicit, weight, bias, B, R, stride=2, padding=1, groups=groups).backward(grad_output)
+    functional.pfa_conv2d_projected(x_projected, weight, bias, B, M, Z, stride=2, padding=1,
+                                    groups=groups).backward(grad_output)
+    torch.testing.assert_close(x_projected.grad, x_explicit.grad, rtol=1e-10, atol=1e-12)
+    correlation = torch.nn.grad.conv2d_weight(x, Z.shape, grad_output, stride=2, padding=1)
+    torch.testing.assert_close(Z.grad, correlation, rtol=1e-12, atol=1e-12)
+    x_rows, B_linear = torch.randn(4, 5, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    y = functional.pfa_linear_projected(x_rows, torch.randn(3, 5, dtype=torch.float64), None, B_linear,
+                                        None, torch.randn(3, 5, dtype=torch.float64), strategy="sequence")
+    assert y.shape == (4, 3)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(Z=torch.randn(2, 2, 3, 3)), "Z must have shape \\(C_out, C_in, \\*kernel\\)"),
+    (dict(M=torch.randn(2, 2)), "M must have shape \\(groups, C_out, C_out\\)"),
+    (dict(M=torch.randn(1, 2, 2, dtype=torch.float64)), "M has dtype"),
+    (dict(strategy="reference"), "strategy='reference'.*explicit R"),
+])
+def test_projected_bad_input_raises_naming_the_argument(change, match):
+    x, weight, bias, B, M, Z = _projected_tensors(groups=2)
+    args = dict(x=x, weight=weight, bias=bias, B=B, M=M, Z=Z, padding=1, groups=2)
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        functional.pfa_conv2d_projected(**args)

@@ -11,12 +11,15 @@ from conftest import (
     TOLERANCE,
     assert_matches_reference,
     assert_relative_close,
+    explicit_twin,
     layer_gradients,
     literal_forward,
+    projected_to_R_grad,
 )
 from torch import nn
 
 import pfa_kernels as pk
+from pfa_kernels.feedback import PARAMETRIZATIONS
 
 # (layer class, nn class, constructor args, input shape): odd channel counts, every kernel size,
 # stride, dilation, groups (incl. depthwise), "same"/"valid"/tuple padding, every padding mode, no bias.
@@ -65,35 +68,43 @@ def build(case, dtype=torch.float64, **feedback):
     return layer, nn_class, kwargs, torch.randn(input_shape, dtype=dtype)
 
 
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_conv_matches_reference_float64(case, strategy):
-    layer, _, _, x = build(case, strategy=strategy)
+def test_conv_matches_reference_float64(case, strategy, parametrization):
+    layer, _, _, x = build(case, strategy=strategy, parametrization=parametrization)
     assert_matches_reference(layer, x, TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("case", ["2d-k3-pad1", "2d-groups2", "2d-circular-groups", "1d-stride2", "3d-stride2",
                                   "linear"])
-def test_matches_reference_float32(case, strategy):
+def test_matches_reference_float32(case, strategy, parametrization):
     """float32 fast paths against the float64 literal algorithm on the same (float32-representable) inputs."""
     if case == "linear":
-        layer, x = pk.PFALinear(9, 7, dtype=torch.float64, expand_ratio=3, strategy=strategy), torch.randn(6, 9)
+        layer, x = pk.PFALinear(9, 7, dtype=torch.float64, expand_ratio=3, strategy=strategy,
+                                parametrization=parametrization), torch.randn(6, 9)
     else:
-        layer, _, _, x = build(case, dtype=torch.float64, strategy=strategy)
+        layer, _, _, x = build(case, dtype=torch.float64, strategy=strategy, parametrization=parametrization)
     layer32 = copy.deepcopy(layer).float()
     layer.load_state_dict(layer32.state_dict())  # the float64 reference sees the float32-rounded values
     x = x.float()
     _, grads, grad_output = layer_gradients(layer32, x)
+    assert all(grad.dtype == torch.float32 for grad in grads.values())
+    if parametrization == "projected":
+        grads["R"] = projected_to_R_grad(layer, grads["R"].double())
+        layer = explicit_twin(layer)
     _, expected, _ = layer_gradients(layer, x.double(), grad_output.double(), literal_forward(layer))
     for name, value in expected.items():
-        assert grads[name].dtype == torch.float32
         assert_relative_close(grads[name], value, TOLERANCE[torch.float32], name)
 
 
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 @pytest.mark.parametrize("expand_ratio", [0.5, 1, 3, 10])
-def test_conv_expand_ratios(expand_ratio):
-    layer = pk.PFAConv2d(3, 6, 3, stride=2, padding=1, dtype=torch.float64, expand_ratio=expand_ratio)
+def test_conv_expand_ratios(expand_ratio, parametrization):
+    layer = pk.PFAConv2d(3, 6, 3, stride=2, padding=1, dtype=torch.float64, expand_ratio=expand_ratio,
+                         parametrization=parametrization)
     assert layer.feedback.mid_channels == int(expand_ratio * 6 + 0.5)
     assert_matches_reference(layer, torch.randn(2, 3, 7, 7, dtype=torch.float64), TOLERANCE[torch.float64])
 
@@ -106,11 +117,13 @@ def test_conv_forward_equals_nn(case):
     torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("expand_ratio", [0.5, 1, 3, 10])
+@pytest.mark.parametrize("expand_ratio", [0.25, 1, 3, 10])
 @pytest.mark.parametrize("input_shape", [(5,), (4, 5), (2, 3, 5)])
-def test_linear_matches_reference(input_shape, expand_ratio, strategy):
-    layer = pk.PFALinear(5, 7, dtype=torch.float64, expand_ratio=expand_ratio, strategy=strategy)
+def test_linear_matches_reference(input_shape, expand_ratio, strategy, parametrization):
+    layer = pk.PFALinear(5, 7, dtype=torch.float64, expand_ratio=expand_ratio, strategy=strategy,
+                         parametrization=parametrization)
     assert layer.feedback.mid_channels == max(1, int(expand_ratio * 7 + 0.5))
     assert_matches_reference(layer, torch.randn(input_shape, dtype=torch.float64), TOLERANCE[torch.float64])
 
@@ -122,19 +135,34 @@ def test_sparse_feedback_matches_reference(strategy):
     assert_matches_reference(layer, torch.randn(2, 4, 5, 5, dtype=torch.float64), TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sparse_B_alone_matches_reference(strategy, parametrization):
+    layer = pk.PFAConv2d(4, 6, 3, padding=1, dtype=torch.float64, expand_ratio=2, feedback_density=(0.3, 1.0),
+                         strategy=strategy, parametrization=parametrization)
+    assert layer.feedback.R_mask is None and not layer.feedback.B_mask.all()
+    assert_matches_reference(layer, torch.randn(2, 4, 5, 5, dtype=torch.float64), TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("frozen", ["weight", "R", "bias", "x"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_partial_gradients(frozen, strategy):
+def test_partial_gradients(frozen, strategy, groups, parametrization):
     """Only the gradients asked for are computed, and they are still exact."""
-    layer = pk.PFAConv2d(4, 6, 3, groups=2, padding=1, dtype=torch.float64, expand_ratio=1, strategy=strategy)
+    layer = pk.PFAConv2d(4, 6, 3, groups=groups, padding=1, dtype=torch.float64, expand_ratio=1, strategy=strategy,
+                         parametrization=parametrization)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     grad_output = torch.randn(2, 6, 5, 5, dtype=torch.float64)
-    _, expected, _ = layer_gradients(layer, x, grad_output, literal_forward(layer))
+    twin = explicit_twin(layer) if parametrization == "projected" else layer
+    _, expected, _ = layer_gradients(twin, x, grad_output, literal_forward(twin))
     if frozen != "x":
-        {"weight": layer.weight, "R": layer.feedback.R, "bias": layer.bias}[frozen].requires_grad_(False)
+        {"weight": layer.weight, "R": layer.feedback.parameter, "bias": layer.bias}[frozen].requires_grad_(False)
     x = x.requires_grad_(frozen != "x")
     layer(x).backward(grad_output)
-    got = {"x": x.grad, "weight": layer.weight.grad, "bias": layer.bias.grad, "R": layer.feedback.R.grad}
+    got = {"x": x.grad, "weight": layer.weight.grad, "bias": layer.bias.grad, "R": layer.feedback.parameter.grad}
+    if parametrization == "projected" and got["R"] is not None:
+        got["R"] = projected_to_R_grad(layer, got["R"])
     for name, value in got.items():
         if name == frozen:
             assert value is None
@@ -142,15 +170,18 @@ def test_partial_gradients(frozen, strategy):
             torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-12)
 
 
-def test_unbatched_input():
-    layer = pk.PFAConv2d(3, 4, 3, dtype=torch.float64)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_unbatched_input(parametrization):
+    layer = pk.PFAConv2d(3, 4, 3, dtype=torch.float64, parametrization=parametrization)
     x = torch.randn(3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(layer(x), layer(x.unsqueeze(0)).squeeze(0))
     assert_matches_reference(layer, x, TOLERANCE[torch.float64])
 
 
-def test_channels_last_and_non_contiguous():
-    layer = pk.PFAConv2d(4, 6, 3, padding=1, dtype=torch.float64, expand_ratio=2).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_channels_last_and_non_contiguous(parametrization):
+    layer = pk.PFAConv2d(4, 6, 3, padding=1, dtype=torch.float64, expand_ratio=2, parametrization=parametrization)
+    layer = layer.to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64).to(memory_format=torch.channels_last)
     _, grads, _ = layer_gradients(layer, x)
     assert grads["x"].is_contiguous(memory_format=torch.channels_last)
@@ -158,7 +189,7 @@ def test_channels_last_and_non_contiguous():
     x_strided = torch.randn(2, 4, 14, 6, dtype=torch.float64)[:, :, ::2]
     assert not x_strided.is_contiguous()
     assert_matches_reference(layer, x_strided, TOLERANCE[torch.float64])
-    linear = pk.PFALinear(5, 3, dtype=torch.float64)
+    linear = pk.PFALinear(5, 3, dtype=torch.float64, parametrization=parametrization)
     assert_matches_reference(linear, torch.randn(5, 4, dtype=torch.float64).t(), TOLERANCE[torch.float64])
 
 

@@ -82,18 +82,20 @@ def test_opcheck_backward_ops(mask, parametrization):
                                                 *options, mask))
 
 
-def _small_pfa_cnn():
+def _small_pfa_cnn(parametrization):
     return nn.Sequential(
-        pk.PFAConv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        pk.PFAConv2d(8, 8, 3, stride=2, groups=2, expand_ratio=2, padding_mode="reflect", padding=1), nn.ReLU(),
-        nn.Flatten(), pk.PFALinear(8 * 4 * 4, 5, strategy="sequence"))
+        pk.PFAConv2d(3, 8, 3, padding=1, parametrization=parametrization), nn.BatchNorm2d(8), nn.ReLU(),
+        pk.PFAConv2d(8, 8, 3, stride=2, groups=2, expand_ratio=2, padding_mode="reflect", padding=1,
+                     parametrization=parametrization), nn.ReLU(),
+        nn.Flatten(), pk.PFALinear(8 * 4 * 4, 5, strategy="sequence", parametrization=parametrization))
 
 
+@pytest.mark.parametrize("parametrization", ["explicit", "projected"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, parametrization):
     """A model of PFA layers compiles without graph breaks and gives the eager gradients."""
     torch._dynamo.reset()
-    model = _small_pfa_cnn()
+    model = _small_pfa_cnn(parametrization)
     x = torch.randn(4, 3, 8, 8)
     eager_out = model(x)
     eager_out.square().sum().backward()
@@ -105,7 +107,7 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert model[0].feedback.R.grad is not None
+    assert model[0].feedback.parameter.grad is not None
 
 
 def test_torch_compile_converted_resnet18():

@@ -59,3 +59,22 @@ def test_backend_resolution():
         planner.resolve_backend("numpy", "cpu")
     with pytest.raises(ValueError, match="strategy must be one of"):
         planner.check_strategy("fast")
+
+
+def test_projected_costs_do_not_grow_with_expand_ratio():
+    """Projected layers (DESIGN §2.4): no term scales with C_mid; sequence order pays M per position."""
+    P, C_out, K = 784, 512, 4608
+    for C_mid in (5120, 51200):
+        shape = planner.LayerShape(P, C_out, C_mid, K, 1, "projected", C_out)
+        macs = planner.candidate_macs(shape, True, True, True)
+        assert set(macs) == {("product", "correlation"), ("sequence", "correlation"), "bp"}
+        assert macs[("product", "correlation")] == P * C_out * K + C_out * C_out * K + P * C_out * K
+        assert macs[("sequence", "correlation")] == P * C_out * K + P * C_out * C_out + P * C_out * K
+        plan = planner.choose_orders(shape, "auto", True, True, True)
+        assert (plan.input_order, plan.feedback_grad_order) == ("sequence", "correlation")  # P < K
+    early = planner.LayerShape(16 * 56 * 56, 64, 640, 576, 1, "projected", 64)
+    assert planner.choose_orders(early, "auto", True, True, True).input_order == "product"
+    forced = planner.choose_orders(early, "sequence", True, False, True)
+    assert (forced.input_order, forced.feedback_grad_order) == ("sequence", "correlation")
+    # Without dL/dW, dL/dZ still costs the weight-gradient correlation.
+    assert planner.candidate_macs(early, False, False, True)[(None, "correlation")] == 16 * 56 * 56 * 64 * 576

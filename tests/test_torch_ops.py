@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pfa_kernels import reference
+from pfa_kernels import feedback, reference
 from pfa_kernels.backends import torch_ops
 
 
@@ -36,3 +36,20 @@ def test_mid_error_any_channel_dim():
     torch.testing.assert_close(torch_ops.mid_error(g, B, 1), torch.einsum("nohw,om->nmhw", g, B))
     torch.testing.assert_close(torch_ops.mid_error(g.movedim(1, -1), B, -1), torch.einsum("nhwo,om->nhwm",
                                                                                           g.movedim(1, -1), B))
+
+
+@pytest.mark.parametrize("keep_M", [True, False])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_projected_pieces_against_explicit(groups, keep_M):
+    """M·Z (M kept, or applied as B (B^T ·)) equals B·R for Z = pinv(B^T) R; M_j g per position, per group."""
+    B = torch.randn(6, 12, dtype=torch.float64)
+    R = torch.randn(12, 2, 3, dtype=torch.float64)
+    Z = feedback.project_onto_feedback(B, R, groups)[0]
+    M = feedback.projection_matrix(B, groups) if keep_M else None
+    assert Z.shape == (6, 2 * groups, 3)
+    torch.testing.assert_close(torch_ops.projected_feedback_product(B, M, Z, groups),
+                               torch_ops.feedback_product(B, R, groups))
+    g = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    expected = torch.cat([torch.einsum("nohw,po->nphw", g, B_j @ B_j.t())
+                          for B_j in B.reshape(6, groups, -1).unbind(1)], dim=1)
+    torch.testing.assert_close(torch_ops.projected_error(g, B, M, groups, channel_dim=1), expected)

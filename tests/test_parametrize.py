@@ -1,0 +1,199 @@
+"""Projected feedback: exact SGD equivalence with explicit R, reparametrize, check_optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import relative_error
+from torch import nn
+
+import pfa_kernels as pk
+
+
+def _small_cnn(dtype=torch.float64):
+    """Convs with stride and groups (M kept, and M applied through B), a sparse B, a linear head with C_mid < C_out."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        pk.PFAConv2d(3, 8, 3, stride=2, padding=1, expand_ratio=10, feedback_seed=1, dtype=dtype), nn.ReLU(),
+        pk.PFAConv2d(8, 8, 3, padding=1, groups=2, expand_ratio=2, feedback_seed=2, dtype=dtype), nn.Tanh(),
+        pk.PFAConv2d(8, 8, 3, stride=2, padding=1, groups=4, expand_ratio=1, feedback_density=(0.5, 1.0),
+                     feedback_seed=3, dtype=dtype), nn.ReLU(),
+        nn.Flatten(), pk.PFALinear(8 * 2 * 2, 5, expand_ratio=0.5, feedback_seed=4, dtype=dtype))
+
+
+def _pfa_layers(model):
+    return [m for m in model.modules() if isinstance(m, pk.nn.PFA_LAYERS)]
+
+
+def _sgd(model):
+    """Three parameter groups covering momentum with dampening, Nesterov, and weight decay."""
+    layers = _pfa_layers(model)
+    forward = [p for layer in layers for p in (layer.weight, layer.bias)]
+    conv_feedback = [layer.feedback.parameter for layer in layers[:-1]]
+    linear_feedback = [layers[-1].feedback.parameter]
+    return torch.optim.SGD([
+        dict(params=forward, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        dict(params=conv_feedback, lr=0.1, momentum=0.8, dampening=0.3, weight_decay=5e-3),
+        dict(params=linear_feedback, lr=0.02, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    ])
+
+
+def test_projected_sgd_trajectory_equals_explicit():
+    """100 SGD steps in float64 with momentum, Nesterov, dampening and weight decay, lr and weight decay changed
+    halfway: forward weights and W_fb of the explicit and the projected model agree to 1e-9 at every step."""
+    explicit = _small_cnn()
+    projected = pk.reparametrize(copy.deepcopy(explicit), "projected")
+    assert all(layer.parametrization == "projected" for layer in _pfa_layers(projected))
+    assert _pfa_layers(projected)[2].feedback.M is None  # groups 4, r = 1: M applied through B
+    optimizers = {"explicit": _sgd(explicit), "projected": pk.check_optimizer(_sgd(projected), projected)}
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(16, 3, 8, 8, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 5, (16,), generator=generator)
+    worst = 0.0
+    for step in range(100):
+        if step == 50:
+            for optimizer in optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.3
+                    group["weight_decay"] *= 4
+        batch = slice(8 * (step % 2), 8 * (step % 2) + 8)
+        for name, model in (("explicit", explicit), ("projected", projected)):
+            optimizers[name].zero_grad()
+            nn.functional.cross_entropy(model(inputs[batch]), labels[batch]).backward()
+            optimizers[name].step()
+        for layer_e, layer_p in zip(_pfa_layers(explicit), _pfa_layers(projected), strict=True):
+            for expected, actual in ((layer_e.weight, layer_p.weight), (layer_e.bias, layer_p.bias),
+                                     (layer_e.feedback.feedback_weight(), layer_p.feedback.feedback_weight())):
+                error = relative_error(actual, expected)
+                assert error < 1e-9, f"step {step}: relative error {error:.2e}"
+                worst = max(worst, error)
+    # The trajectory really moved: the feedback weights changed, not just stayed at their start.
+    start = _small_cnn()
+    moved = relative_error(_pfa_layers(explicit)[0].feedback.feedback_weight(),
+                           _pfa_layers(start)[0].feedback.feedback_weight())
+    assert moved > 1e-2 and worst < 1e-9
+
+
+def test_reparametrize_round_trip_returns_the_same_R():
+    model = _small_cnn()
+    before = {i: (layer.feedback.R.detach().clone(), layer.feedback.feedback_weight().detach())
+              for i, layer in enumerate(_pfa_layers(model))}
+    pk.reparametrize(model, "projected")
+    for i, layer in enumerate(_pfa_layers(model)):
+        assert not hasattr(layer.feedback, "R") or "R" not in layer.feedback._parameters
+        assert tuple(layer.feedback.Z.shape) == layer.feedback.Z_shape
+        assert relative_error(layer.feedback.feedback_weight(), before[i][1]) < 1e-13
+    assert _pfa_layers(model)[-1].feedback.R_null is None  # C_mid < C_out: R lies in B^T's range
+    assert _pfa_layers(model)[0].feedback.R_null is not None
+    pk.reparametrize(model, "explicit")
+    for i, layer in enumerate(_pfa_layers(model)):
+        assert layer.parametrization == "explicit" and layer.feedback.M is None
+        assert relative_error(layer.feedback.R, before[i][0]) < 1e-12
+
+
+def test_projected_layer_equals_explicit_layer_with_the_same_seed():
+    for kwargs in (dict(expand_ratio=10), dict(expand_ratio=0.5), dict(groups=2, expand_ratio=3),
+                   dict(groups=4, expand_ratio=1), dict(expand_ratio=1, feedback_init="orthogonal"),
+                   dict(expand_ratio=1, feedback_init="identity")):
+        explicit = pk.PFAConv2d(8, 8, 3, feedback_seed=7, dtype=torch.float64, **kwargs)
+        projected = pk.PFAConv2d(8, 8, 3, feedback_seed=7, dtype=torch.float64, parametrization="projected", **kwargs)
+        assert relative_error(projected.feedback.feedback_weight(), explicit.feedback.feedback_weight()) < 1e-12
+        # Built projected, the way back to explicit gives the seeded R itself (its null part is re-derived).
+        assert relative_error(projected.feedback.explicit_R(), explicit.feedback.R) < 1e-12, kwargs
+
+
+def test_projected_state_dict_round_trip_keeps_the_null_part():
+    model = pk.reparametrize(_small_cnn(), "projected")
+    state = model.state_dict()
+    assert "0.feedback.Z" in state and "0.feedback.M" in state and "0.feedback.R_null" in state
+    assert not any(key.endswith("feedback.R") for key in state)
+    fresh = _small_cnn()
+    for layer in _pfa_layers(fresh):
+        layer.feedback.to_projected()
+        layer.feedback.R_null = None
+    fresh.load_state_dict(state)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    original = _small_cnn()
+    pk.reparametrize(fresh, "explicit")
+    for layer, expected in zip(_pfa_layers(fresh), _pfa_layers(original), strict=True):
+        assert relative_error(layer.feedback.R, expected.feedback.R) < 1e-12
+
+
+def test_loading_across_parametrizations_explains_itself():
+    explicit_state = _small_cnn().state_dict()
+    projected = pk.reparametrize(_small_cnn(), "projected")
+    with pytest.raises(RuntimeError, match="parametrization='explicit'.*reparametrize"):
+        projected.load_state_dict(explicit_state)
+    # A backpropagation checkpoint (no feedback state) loads into a projected layer.
+    conv = nn.Conv2d(3, 5, 3)
+    layer = pk.PFAConv2d(3, 5, 3, parametrization="projected")
+    Z = layer.feedback.Z.detach().clone()
+    layer.load_state_dict(conv.state_dict())
+    assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.feedback.Z, Z)
+
+
+def test_masked_R_is_refused_and_nothing_changes():
+    with pytest.raises(ValueError, match="masked R.*feedback_density=\\(B_density, 1.0\\)"):
+        pk.PFAConv2d(4, 4, 3, feedback_density=0.5, parametrization="projected")
+    with pytest.raises(ValueError, match="masked R"):
+        pk.convert(nn.Sequential(nn.Linear(3, 4)), feedback_density=(1.0, 0.5), parametrization="projected")
+    model = nn.Sequential(pk.PFALinear(3, 4), pk.PFALinear(4, 2, feedback_density=0.5))
+    with pytest.raises(ValueError, match="layer '1' has a masked R"):
+        pk.reparametrize(model, "projected")
+    assert all(layer.parametrization == "explicit" for layer in model)
+    assert "R" in model[0].feedback._parameters
+
+
+def test_reference_strategy_is_for_explicit_layers():
+    with pytest.raises(ValueError, match="strategy='reference'.*explicit R"):
+        pk.PFALinear(3, 4, parametrization="projected", strategy="reference")
+    model = nn.Sequential(pk.PFALinear(3, 4, strategy="reference"))
+    with pytest.raises(ValueError, match="strategy='reference'"):
+        pk.reparametrize(model, "projected")
+    with pytest.raises(ValueError, match="parametrization must be one of"):
+        pk.reparametrize(model, "implicit")
+
+
+def test_check_optimizer_accepts_sgd_and_rejects_adam():
+    model = pk.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), parametrization="projected")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    assert pk.check_optimizer(sgd, model) is sgd
+    pk.check_optimizer(torch.optim.ASGD(model.parameters()), model)
+    for optimizer_class in (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad):
+        with pytest.raises(ValueError, match=f"{optimizer_class.__name__} updates the projected feedback Z of "
+                                             f"layer\\(s\\) '0', '2'.*linear in the gradient"):
+            pk.check_optimizer(optimizer_class(model.parameters()), model)
+    # Adam on the forward weights alone, or on an explicit model, is fine.
+    weights_only = [p for name, p in model.named_parameters() if "feedback" not in name]
+    pk.check_optimizer(torch.optim.Adam(weights_only), model)
+    explicit = pk.convert(nn.Sequential(nn.Linear(3, 2)))
+    pk.check_optimizer(torch.optim.Adam(explicit.parameters()), explicit)
+    with pytest.raises(TypeError, match="optimizer must be"):
+        pk.check_optimizer("sgd", model)
+
+
+def test_projected_convert_report_and_metrics():
+    import torchvision
+
+    torch.manual_seed(0)
+    explicit = pk.convert(torchvision.models.resnet18(num_classes=10), expand_ratio=10, feedback_seed=0)
+    torch.manual_seed(0)
+    model = pk.convert(torchvision.models.resnet18(num_classes=10), parametrization="projected", expand_ratio=10,
+                       feedback_seed=0)
+    layers = _pfa_layers(model)
+    assert all(layer.parametrization == "projected" for layer in layers)
+    assert not any(name.endswith("feedback.R") for name, _ in model.named_parameters())
+    # No parameter or per-step buffer with C_mid in its shape: only B (fixed) has it.
+    for layer in layers:
+        mid = layer.feedback.mid_channels
+        assert all(mid not in p.shape for p in layer.feedback.parameters())
+        out_channels = layer.weight.shape[0]
+        assert layer.feedback.M.shape == (1, out_channels, out_channels)
+    rows, explicit_rows = pk.metrics.report(model), pk.metrics.report(explicit)
+    assert len(rows) == len(layers) == len(explicit_rows)
+    for row, explicit_row in zip(rows, explicit_rows, strict=True):
+        assert row["path_alignment"] == pytest.approx(explicit_row["path_alignment"], abs=1e-4)
+        assert row["norm_ratio"] == pytest.approx(explicit_row["norm_ratio"], rel=1e-5)
