@@ -197,3 +197,41 @@ def test_projected_convert_report_and_metrics():
     for row, explicit_row in zip(rows, explicit_rows, strict=True):
         assert row["path_alignment"] == pytest.approx(explicit_row["path_alignment"], abs=1e-4)
         assert row["norm_ratio"] == pytest.approx(explicit_row["norm_ratio"], rel=1e-5)
+
+
+def _ddp_worker(rank, world_size, init_file, inputs, labels, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = nn.parallel.DistributedDataParallel(pk.reparametrize(_small_cnn(), "projected"))
+        optimizer = _sgd(model.module)
+        shard = slice(rank * len(inputs) // world_size, (rank + 1) * len(inputs) // world_size)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs[shard]), labels[shard]).backward()
+            optimizer.step()
+        if rank == 0:
+            torch.save(model.module.state_dict(), result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_projected_ddp_equals_one_process(tmp_path):
+    """2-process gloo DDP, 3 SGD steps on half batches each: Z's gradient all-reduces like any other, so the
+    result equals one process on the whole batch."""
+    generator = torch.Generator().manual_seed(11)
+    inputs = torch.randn(8, 3, 8, 8, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 5, (8,), generator=generator)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), inputs, labels,
+                                                   str(tmp_path / "ddp.pt")), nprocs=2)
+    single = pk.reparametrize(_small_cnn(), "projected")
+    optimizer = _sgd(single)
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(single(inputs), labels).backward()
+        optimizer.step()
+    distributed = torch.load(tmp_path / "ddp.pt")
+    for key, value in single.state_dict().items():
+        assert relative_error(distributed[key], value) < 1e-12, key
+    assert relative_error(distributed["0.feedback.Z"], pk.reparametrize(_small_cnn(), "projected")[0].feedback.Z) > 1e-3
