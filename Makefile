@@ -29,8 +29,14 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q tests --durations=15
 
+# A quick CPU run (several minutes) of the headline tables: ResNet-18 training step vs BP for explicit and
+# projected PFA at r = 1, 10, 100, and every distinct ResNet-18 layer shape at r = 10. Results (JSON lines,
+# markdown tables, plots) go to benchmarks/results/.
 bench: setup
-	$(PY) benchmarks/bench_resnet_step.py
+	$(PY) benchmarks/bench_model.py --models resnet18 --batch 16 --expand-ratios 1,10,100 \
+		--impls projected,explicit --repeats 3
+	$(PY) benchmarks/bench_layers.py --models resnet18 --batch 16 --expand-ratio 10 \
+		--impls bp,reference,explicit-auto,projected-auto --rounds 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output
