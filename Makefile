@@ -26,17 +26,21 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Two pytest processes: Triton reads TRITON_INTERPRET when it defines a kernel, so the interpreter tests
+# (tests/test_triton.py) run in their own process; the main one compiles the kernels ahead of time instead.
 test: setup lint
 	$(PY) -m pytest -q tests --durations=15
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py --durations=5
 
-# A quick CPU run (several minutes) of the headline tables: ResNet-18 training step vs BP for explicit and
-# projected PFA at r = 1, 10, 100, and every distinct ResNet-18 layer shape at r = 10. Results (JSON lines,
-# markdown tables, plots) go to benchmarks/results/.
+# A quick CPU run of the headline tables (about 8 minutes on 2 cores, most of it the explicit r = 100 model,
+# whose step is ~16x BP's): ResNet-18 training step vs BP for explicit and projected PFA at r = 1, 10, 100,
+# and every distinct ResNet-18 layer shape at r = 10. Results (JSON lines, markdown tables, plots) go to
+# benchmarks/results/. The full per-layer run: python benchmarks/bench_layers.py (see its --help).
 bench: setup
 	$(PY) benchmarks/bench_model.py --models resnet18 --batch 16 --expand-ratios 1,10,100 \
 		--impls projected,explicit --repeats 3
 	$(PY) benchmarks/bench_layers.py --models resnet18 --batch 16 --expand-ratio 10 \
-		--impls bp,reference,explicit-auto,projected-auto --rounds 3
+		--impls bp,explicit-auto,projected-auto --rounds 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output

@@ -44,7 +44,8 @@ class LayerSpec:
     @property
     def label(self) -> str:
         if self.kind == "linear":
-            return f"linear {self.in_channels}->{self.out_channels} x{math.prod(self.input_shape[:-1])}"
+            tokens = math.prod(self.input_shape[:-1])
+            return f"linear {self.in_channels}->{self.out_channels}" + (f" x{tokens} tokens" if tokens > 1 else "")
         k = "x".join(map(str, self.kernel_size))
         text = f"conv {self.in_channels}->{self.out_channels} k{k} s{self.stride[0]} @{self.input_shape[1]}"
         return text + (f" g{self.groups}" if self.groups > 1 else "")

@@ -9,6 +9,7 @@
 from . import functional, metrics, planner, reference
 from .convert import ConversionRecord, convert
 from .feedback import PFAFeedback
+from .model_feedback import feedback_weights
 from .nn import PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
 from .parametrize import check_optimizer, reparametrize
 
@@ -21,6 +22,7 @@ __all__ = [
     "PFALinear",
     "check_optimizer",
     "convert",
+    "feedback_weights",
     "functional",
     "metrics",
     "planner",

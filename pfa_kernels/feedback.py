@@ -86,11 +86,12 @@ def projection_matrix(B: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.bmm(B_by_group, B_by_group.transpose(1, 2)).to(B.dtype)
 
 
-def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int):
+def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int, with_null: bool = True):
     """Split R = B^T Z + N per group (float64): Z = pinv(B_j^T) R_j, the minimum-norm Z with B_j Z_j = M_j^+ B_j R_j,
     so M_j Z_j = B_j R_j exactly (for C_mid/G < C_out, B_j^T Z_j = R_j and N = 0).
 
-    B (C_out, C_mid), R (C_mid, C_in/G, *kernel). Returns Z (C_out, C_in, *kernel) and N (R's shape), float64,
+    B (C_out, C_mid), R (C_mid, C_in/G, *kernel). Returns Z (C_out, C_in, *kernel) and N (R's shape, or None
+    without with_null: it costs another R-sized GEMM), float64,
     and the largest condition number sigma_max / sigma_min of the B_j (singular values below pinv's cutoff
     belong to B's null space and are left out).
     """
@@ -103,11 +104,12 @@ def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int):
     inverse = torch.where(kept, 1 / torch.where(kept, S, 1.0), 0.0)
     pinv = U @ (inverse.unsqueeze(-1) * Vh)                                    # pinv(B_j^T): (G, C_out, C_mid/G)
     Z_by_group = pinv @ R_by_group                                             # (G, C_out, K)
-    null = R_by_group - B_by_group.transpose(1, 2) @ Z_by_group
+    null = R_by_group - B_by_group.transpose(1, 2) @ Z_by_group if with_null else None
     smallest = torch.where(kept, S, math.inf).amin(dim=1)
     condition = (S[:, 0] / smallest).max().item() if bool(kept.any()) else 1.0
     Z = Z_by_group.reshape(groups, out_channels, R.shape[1], *kernel).transpose(0, 1)
-    return Z.reshape(out_channels, groups * R.shape[1], *kernel), null.reshape(R.shape), condition
+    return Z.reshape(out_channels, groups * R.shape[1], *kernel), None if null is None else null.reshape(R.shape), \
+        condition
 
 
 def explicit_from_projected(B: torch.Tensor, Z: torch.Tensor, groups: int) -> torch.Tensor:
@@ -228,7 +230,7 @@ class PFAFeedback(nn.Module):
         if self.parametrization == "explicit":
             self.R.copy_(R)
         else:
-            Z, _, self.condition_number = project_onto_feedback(B, R, self.groups)
+            Z, _, self.condition_number = project_onto_feedback(B, R, self.groups, with_null=False)
             self.Z.copy_(Z)
             self._warn_if_ill_conditioned()
             if self.M is not None:
@@ -281,11 +283,12 @@ class PFAFeedback(nn.Module):
         # Z = pinv(B^T) R, so W_fb = M·Z cancels large terms when B is ill-conditioned: rounding in M·Z grows by up to
         # cond(B). Random B: cond ~ (1 + r^-1/2) / (1 - r^-1/2), 1.9 at r = 10, 5.8 at r = 2, unbounded near r = 1.
         if self.condition_number > CONDITION_WARNING:
+            # One message text (the figures are in .condition_number), so that a converted model warns once.
             warnings.warn(
-                f"projected feedback ({self.out_channels} x {self.mid_channels} B, groups={self.groups}) has "
-                f"cond(B) = {self.condition_number:.0f}: rounding errors in W_fb = M·Z are amplified up to that "
-                f"factor. A random B with expand_ratio >= 2 per group, or feedback_init='orthogonal', is well "
-                f"conditioned; parametrization='explicit' has no such amplification", stacklevel=3)
+                f"projected feedback with an ill-conditioned B (cond(B) > {CONDITION_WARNING:.0f}; see "
+                f"layer.feedback.condition_number): rounding errors in W_fb = M·Z are amplified up to that factor. "
+                f"A random B with expand_ratio >= 2 per group, or feedback_init='orthogonal', is well "
+                "conditioned; parametrization='explicit' has no such amplification", stacklevel=3)
 
     @torch.no_grad()
     def to_explicit(self) -> None:

@@ -104,6 +104,7 @@ def _linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
         return reference.pfa_linear(x, weight, bias, B, feedback)
     backend = planner.resolve_backend(backend, x.device.type)
     x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
+    planner.check_backend_dtype(backend, x.dtype)
     return ops.linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
 
 
@@ -124,6 +125,7 @@ def _conv(spatial_dims, x, weight, bias, B, M, feedback, parametrization, stride
     else:
         backend = planner.resolve_backend(backend, x.device.type)
         x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
+        planner.check_backend_dtype(backend, x.dtype)
         y = ops.conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
                      backend)
     return y.squeeze(0) if unbatched else y

@@ -22,11 +22,14 @@ tensors from the backward ops and as None from autograd. output_mask = [input, w
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from . import planner
 from .backends import torch_ops
+from .backends import triton as _triton_backend  # noqa: F401  (registers the pfa_kernels::triton_* ops)
 
 _CONV_BY_SPATIAL_DIMS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -39,7 +42,23 @@ def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strateg
     shape = planner.layer_shape(grad_output_shape, weight_shape, mid_channels, groups, parametrization,
                                 width if parametrization == "projected" else 0)
     need_input, need_weight, _, need_feedback = output_mask
-    return planner.choose_orders(shape, strategy, need_input, need_weight, need_feedback, backend)
+    plan = planner.choose_orders(shape, strategy, need_input, need_weight, need_feedback, backend)
+    if backend == "triton" and plan.input_order == "sequence" and not planner.triton_fuses_sequence(
+            len(weight_shape) - 2, groups, parametrization, keeps_projection_matrix):
+        plan = dataclasses.replace(plan, reason=plan.reason + "; its sequence-order dL/dx runs in PyTorch (the fused "
+                                   "Triton kernel covers linear, 1-d and 2-d layers with groups = 1)")
+    return plan
+
+
+def _pieces(plan, weight, groups, parametrization, M):
+    """The backend's kernels for this call (None: the PyTorch ones)."""
+    if plan.backend != "triton":
+        return None
+    from .backends.triton.pieces import TRITON_PIECES
+
+    if planner.triton_fuses_sequence(weight.dim() - 2, groups, parametrization, M is not None):
+        return TRITON_PIECES
+    return dataclasses.replace(TRITON_PIECES, sequence_input_grad=None)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -96,10 +115,12 @@ def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Te
     """PFA linear backward: (dL/dx, dL/dW, dL/db, dL/dfeedback); grad_output (..., C_out), others as in `linear`."""
     plan = plan_backward(grad_output.shape, weight.shape, B.shape[1], 1, strategy, backend, output_mask,
                          parametrization, M is not None)
+    pieces = _pieces(plan, weight, 1, parametrization, M)
     if parametrization == "projected":
-        grads = torch_ops.projected_linear_backward(grad_output, x, weight, B, M, feedback, plan, *output_mask)
+        grads = torch_ops.projected_linear_backward(grad_output, x, weight, B, M, feedback, plan, *output_mask,
+                                                    pieces=pieces)
     else:
-        grads = torch_ops.linear_backward(grad_output, x, weight, B, feedback, plan, *output_mask)
+        grads = torch_ops.linear_backward(grad_output, x, weight, B, feedback, plan, *output_mask, pieces=pieces)
     return _package_grads(grads, x, weight, feedback, output_mask)
 
 
@@ -156,10 +177,11 @@ def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     plan = plan_backward(grad_output.shape, weight.shape, B.shape[1], groups, strategy, backend, output_mask,
                          parametrization, M is not None)
     conv_args = (stride, padding, dilation, groups, plan, *output_mask)
+    pieces = _pieces(plan, weight, groups, parametrization, M)
     if parametrization == "projected":
-        grads = torch_ops.projected_conv_backward(grad_output, x, weight, B, M, feedback, *conv_args)
+        grads = torch_ops.projected_conv_backward(grad_output, x, weight, B, M, feedback, *conv_args, pieces=pieces)
     else:
-        grads = torch_ops.conv_backward(grad_output, x, weight, B, feedback, *conv_args)
+        grads = torch_ops.conv_backward(grad_output, x, weight, B, feedback, *conv_args, pieces=pieces)
     return _package_grads(grads, x, weight, feedback, output_mask)
 
 

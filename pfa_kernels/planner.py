@@ -155,9 +155,24 @@ def check_strategy(strategy) -> str:
 
 
 def available_backends(device_type: str) -> tuple[str, ...]:
-    """Backends that can run on tensors of this device type, fastest first."""
-    del device_type  # the pure-PyTorch backend runs on every device
+    """Backends that can run on tensors of this device type, in the order "auto" prefers them.
+
+    The pure-PyTorch backend runs everywhere. Triton runs on CUDA (preferred there) and on CPU only under
+    its interpreter, which "auto" never picks.
+    """
+    from .backends import triton as triton_backend
+
+    if triton_backend.is_available(device_type):
+        return ("triton", "torch") if device_type == "cuda" else ("torch", "triton")
     return ("torch",)
+
+
+def _unavailable_reason(backend: str, device_type: str) -> str:
+    if backend == "triton":
+        from .backends import triton as triton_backend
+
+        return triton_backend.unavailable_reason(device_type)
+    return "it is not built into this installation"
 
 
 def resolve_backend(backend, device_type: str) -> str:
@@ -169,6 +184,19 @@ def resolve_backend(backend, device_type: str) -> str:
         return available[0]
     if backend not in available:
         raise RuntimeError(
-            f"backend={backend!r} is not available for {device_type} tensors in this installation "
-            f"(available: {available}); use backend='auto' to pick one")
+            f"backend={backend!r} is not available for {device_type} tensors here: "
+            f"{_unavailable_reason(backend, device_type)} (available: {available}); use backend='auto' to pick one")
     return backend
+
+
+def check_backend_dtype(backend: str, dtype) -> None:
+    """The Triton kernels take float32, float16 and bfloat16 (fp32 accumulation)."""
+    if backend == "triton" and str(dtype).replace("torch.", "") not in ("float32", "float16", "bfloat16"):
+        raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 tensors; got {dtype} "
+                        f"(use backend='torch' for it)")
+
+
+def triton_fuses_sequence(spatial_dims: int, groups: int, parametrization: str, keeps_projection_matrix: bool) -> bool:
+    """Whether the fused Triton sequence-order input gradient covers a layer: linear, 1-d or 2-d, groups = 1
+    (and, projected, M kept). Other layers run that one gradient in PyTorch, and their Plan says so."""
+    return spatial_dims <= 2 and groups == 1 and (parametrization == "explicit" or keeps_projection_matrix)

@@ -82,3 +82,10 @@ def test_cost_model_backward_macs_equal_the_planners(strategy, parametrization):
                 (plan.input_order, plan.feedback_grad_order)], (spec.label, expand_ratio)
     bp = cost_model.costs(specs[0], 16, "bp", 10)
     assert bp["macs"] == 3 * 16 * 28 * 28 * 128 * 64 * 9 and bp["h100_ms"] > 0
+
+
+def test_bench_triton_resource_table(tmp_path):
+    """Without a GPU the Triton benchmark prints the static resource table of every kernel and configuration."""
+    _run("bench_triton.py", "--arch", "80", "--output-dir", str(tmp_path))
+    table = (tmp_path / "triton_resources_sm80.md").read_text()
+    assert table.count("| sequence_input_grad") >= 3 and table.count("| grouped_matmul") >= 3

@@ -134,3 +134,18 @@ def test_projected_reset_parameters_redraws_the_same_feedback():
         feedback.Z.mul_(2)
     feedback.reset_parameters()
     assert torch.equal(feedback.Z, Z) and torch.equal(feedback.M, M)
+
+
+def test_ill_conditioned_projection_warns():
+    """Rounding in M·Z grows with cond(B): a random square B (r = 1) warns, r = 10 and orthogonal B do not."""
+    with pytest.warns(UserWarning, match="ill-conditioned B"):
+        square = PFAFeedback(64, 64, expand_ratio=1, parametrization="projected", seed=0)
+    assert square.condition_number > 100
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wide = PFAFeedback(64, 64, expand_ratio=10, parametrization="projected", seed=0)
+        orthogonal = PFAFeedback(64, 64, expand_ratio=1, feedback_init="orthogonal", parametrization="projected",
+                                 seed=0)
+    assert wide.condition_number < 2.5 and orthogonal.condition_number == pytest.approx(1.0)

@@ -11,6 +11,9 @@ Shapes (groups G; a linear layer has no kernel or spatial dims and any leading d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from ..planner import Plan
@@ -63,11 +66,14 @@ def mid_error(grad_output: torch.Tensor, B: torch.Tensor, channel_dim: int) -> t
     return torch.matmul(grad_output.movedim(channel_dim, -1), B).movedim(-1, channel_dim)
 
 
-def linear_backward(grad_output, x, weight, B, R, plan: Plan, need_input, need_weight, need_bias, need_feedback):
+def linear_backward(grad_output, x, weight, B, R, plan: Plan, need_input, need_weight, need_bias, need_feedback,
+                    pieces: Pieces | None = None):
     """Gradients of a PFA linear layer: (dL/dx, dL/dW, dL/db, dL/dR), None where not needed.
 
     grad_output (..., C_out), x (..., C_in), weight (C_out, C_in), B (C_out, C_mid), R (C_mid, C_in).
+    pieces: the feedback-product kernels to use (another backend's; default: these PyTorch ones).
     """
+    pieces = pieces or TORCH_PIECES
     in_features = x.shape[-1]
     x_rows = x.reshape(-1, in_features)
     grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
@@ -79,29 +85,34 @@ def linear_backward(grad_output, x, weight, B, R, plan: Plan, need_input, need_w
     if need_bias:
         grad_bias = grad_rows.sum(0)
 
-    uses_mid_error = "sequence" in (plan.input_order, plan.feedback_grad_order)
+    fused_sequence = need_input and plan.input_order == "sequence" and pieces.sequence_input_grad is not None
+    uses_mid_error = (plan.input_order == "sequence" and not fused_sequence) or plan.feedback_grad_order == "sequence"
     grad_mid = grad_rows.mm(B) if uses_mid_error else None
     if need_input:
         if plan.input_order == "product":
-            grad_x = grad_rows.mm(feedback_product(B, R))
+            grad_x = grad_rows.mm(pieces.feedback_product(B, R))
+        elif fused_sequence:
+            grad_x = pieces.sequence_input_grad(grad_rows, B, R, list(x_rows.shape), [], [], [])
         else:
             grad_x = grad_mid.mm(R)
         grad_x = grad_x.reshape(x.shape)
     if need_feedback:
         if plan.feedback_grad_order == "product":
-            grad_R = feedback_grad_from_correlation(B, grad_weight)
+            grad_R = pieces.feedback_grad_from_correlation(B, grad_weight)
         else:
             grad_R = grad_mid.t().mm(x_rows)
     return grad_x, (grad_weight if need_weight else None), grad_bias, grad_R
 
 
 def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, groups, plan: Plan,
-                  need_input, need_weight, need_bias, need_feedback):
+                  need_input, need_weight, need_bias, need_feedback, pieces: Pieces | None = None):
     """Gradients of a PFA convolution (1d/2d/3d): (dL/dx, dL/dW, dL/db, dL/dR), None where not needed.
 
     grad_output (N, C_out, *out_spatial), x (N, C_in, *spatial), weight (C_out, C_in/G, *kernel),
     B (C_out, C_mid), R (C_mid, C_in/G, *kernel). Zero padding (other modes pad x before the op).
+    pieces: the feedback-product kernels to use (another backend's; default: these PyTorch ones).
     """
+    pieces = pieces or TORCH_PIECES
     spatial_dims = x.dim() - 2
     bias_sizes = [weight.shape[0]] if need_bias else None
 
@@ -115,7 +126,7 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
     feedback_by_product = need_feedback and plan.feedback_grad_order == "product"
 
     if plan.input_order == "product":
-        feedback_weight = feedback_product(B, R, groups)
+        feedback_weight = pieces.feedback_product(B, R, groups)
         # One call gives dL/dx, dL/db and, when wanted, the correlation (for groups = 1, dL/dW itself).
         want_correlation = feedback_by_product or (groups == 1 and need_weight)
         grad_x, correlation, grad_bias = conv_grads(
@@ -136,9 +147,12 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
         grad_bias = bp_bias if grad_bias is None else grad_bias
 
     if feedback_by_product:
-        grad_R = feedback_grad_from_correlation(B, correlation, groups)
+        grad_R = pieces.feedback_grad_from_correlation(B, correlation, groups)
 
     sequence_input = need_input and plan.input_order == "sequence"
+    if sequence_input and pieces.sequence_input_grad is not None:  # fused: g_mid never in memory
+        grad_x = pieces.sequence_input_grad(grad_output, B, R, list(x.shape), stride, padding, dilation)
+        sequence_input = False
     sequence_feedback = need_feedback and plan.feedback_grad_order == "sequence"
     if sequence_input or sequence_feedback:
         grad_mid = mid_error(grad_output, B, channel_dim=1)
@@ -200,12 +214,13 @@ def _distinct(grad_feedback, grad_weight):
 
 
 def projected_linear_backward(grad_output, x, weight, B, M, Z, plan: Plan, need_input, need_weight, need_bias,
-                              need_feedback):
+                              need_feedback, pieces: Pieces | None = None):
     """Gradients of a projected PFA linear layer: (dL/dx, dL/dW, dL/db, dL/dZ), None where not needed.
 
     grad_output (..., C_out), x (..., C_in), weight and Z (C_out, C_in), B (C_out, C_mid),
-    M (1, C_out, C_out) or None.
+    M (1, C_out, C_out) or None. pieces: the kernels to use (default: these PyTorch ones).
     """
+    pieces = pieces or TORCH_PIECES
     x_rows = x.reshape(-1, x.shape[-1])
     grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
     grad_x = grad_weight = grad_bias = grad_Z = None
@@ -215,7 +230,9 @@ def projected_linear_backward(grad_output, x, weight, B, M, Z, plan: Plan, need_
         grad_bias = grad_rows.sum(0)
     if need_input:
         if plan.input_order == "product":
-            grad_x = grad_rows.mm(projected_feedback_product(B, M, Z))
+            grad_x = grad_rows.mm(pieces.projected_feedback_product(B, M, Z))
+        elif pieces.sequence_input_grad is not None and M is not None:  # fused: (g M) Z, M symmetric
+            grad_x = pieces.sequence_input_grad(grad_rows, M[0], Z, list(x_rows.shape), [], [], [])
         else:
             grad_x = projected_error(grad_rows, B, M, 1, channel_dim=1).mm(Z)
         grad_x = grad_x.reshape(x.shape)
@@ -225,12 +242,14 @@ def projected_linear_backward(grad_output, x, weight, B, M, Z, plan: Plan, need_
 
 
 def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, dilation, groups, plan: Plan,
-                            need_input, need_weight, need_bias, need_feedback):
+                            need_input, need_weight, need_bias, need_feedback, pieces: Pieces | None = None):
     """Gradients of a projected PFA convolution (1d/2d/3d): (dL/dx, dL/dW, dL/db, dL/dZ), None where not needed.
 
     grad_output (N, C_out, *out_spatial), x (N, C_in, *spatial), weight (C_out, C_in/G, *kernel),
     B (C_out, C_mid), M (G, C_out, C_out) or None, Z (C_out, C_in, *kernel). Zero padding.
+    pieces: the kernels to use (default: these PyTorch ones).
     """
+    pieces = pieces or TORCH_PIECES
     spatial_dims = x.dim() - 2
     bias_sizes = [weight.shape[0]] if need_bias else None
 
@@ -244,7 +263,7 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
     want_correlation = need_feedback or (groups == 1 and need_weight)
     if need_input and plan.input_order == "product":
         grad_x, correlation, grad_bias = conv_grads(
-            grad_output, projected_feedback_product(B, M, Z, groups), 1, [True, want_correlation, need_bias])
+            grad_output, pieces.projected_feedback_product(B, M, Z, groups), 1, [True, want_correlation, need_bias])
     elif need_feedback:
         _, correlation, grad_bias = conv_grads(grad_output, Z, 1, [False, True, need_bias])
 
@@ -256,7 +275,10 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
         grad_weight = bp_weight if grad_weight is None else grad_weight
         grad_bias = bp_bias if grad_bias is None else grad_bias
 
-    if need_input and plan.input_order == "sequence":
+    fused = pieces.sequence_input_grad is not None and groups == 1 and M is not None
+    if need_input and plan.input_order == "sequence" and fused:  # conv_transpose(M g, Z), M g never in memory
+        grad_x = pieces.sequence_input_grad(grad_output, M[0], Z, list(x.shape), stride, padding, dilation)
+    elif need_input and plan.input_order == "sequence":
         # conv_transpose(M g, Z): the groups' projected errors against Z's columns of each group.
         out_channels = Z.shape[0]
         Z_grouped = Z.reshape(out_channels, groups, -1, *Z.shape[2:]).transpose(0, 1).reshape(
@@ -267,3 +289,20 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
     if need_feedback:
         grad_Z = _distinct(correlation, grad_weight) if need_weight else correlation
     return grad_x, (grad_weight if need_weight else None), grad_bias, grad_Z
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """The feedback-product kernels a backward uses; other backends (backends/triton) supply their own.
+
+    sequence_input_grad(grad_output, B, R, input_size, stride, padding, dilation) -> dL/dx is a fused
+    sequence-order input gradient (B^T g never in memory), or None to run it as two PyTorch ops.
+    """
+
+    feedback_product: Callable = feedback_product
+    feedback_grad_from_correlation: Callable = feedback_grad_from_correlation
+    projected_feedback_product: Callable = projected_feedback_product
+    sequence_input_grad: Callable | None = None
+
+
+TORCH_PIECES = Pieces()

@@ -1,0 +1,131 @@
+"""Triton kernels under the interpreter (TRITON_INTERPRET=1, set before Triton defines a kernel), against
+reference.py and PyTorch on small odd shapes and every kernel dtype. `make test` runs this file in its own
+pytest process with the variable set; in the main process the ahead-of-time tests (test_triton_aot.py) run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import LOW_PRECISION_ERROR_FACTOR, LOW_PRECISION_FLOOR, assert_matches_reference, relative_error
+from torch import nn
+
+import pfa_kernels as pk
+from pfa_kernels import reference
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="interpreter tests: `make test` runs them in a separate process with TRITON_INTERPRET=1")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_low_precision(fast, reference_low, exact, dtype, what):
+    """fp32: relative error < 1e-5 against float64. fp16/bf16: within 3x the error of a PyTorch run in that dtype."""
+    if dtype == torch.float32:
+        assert relative_error(fast, exact) < 1e-5, what
+        return
+    fast_error, ref_error = relative_error(fast, exact), relative_error(reference_low, exact)
+    assert fast_error <= LOW_PRECISION_ERROR_FACTOR * ref_error + LOW_PRECISION_FLOOR[dtype], (what, fast_error,
+                                                                                             ref_error)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_matmul_one_launch(dtype):
+    shapes = [(5, 7, 11), (33, 19, 70), (1, 3, 2), (40, 65, 17)]
+    lefts = [torch.randn(m, k).to(dtype) for m, k, _ in shapes]
+    rights = [torch.randn(n, k).to(dtype).t() for _, k, n in shapes]  # strided (transposed) operands
+    outs = torch.ops.pfa_kernels.triton_grouped_matmul(lefts, rights)
+    for left, right, out in zip(lefts, rights, outs, strict=True):
+        assert out.dtype == dtype and out.shape == (left.shape[0], right.shape[1])
+        _check_low_precision(out, left @ right, left.double() @ right.double(), dtype, "grouped_matmul")
+    with pytest.raises(ValueError, match="do not multiply"):
+        torch.ops.pfa_kernels.triton_grouped_matmul([torch.randn(2, 3)], [torch.randn(4, 2)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["linear", "conv1d-stride2", "conv2d-3x3-pad1", "conv2d-stride2-dilation2",
+                                  "conv2d-5x3-stride-rect"])
+def test_fused_sequence_input_grad_against_reference(case, dtype):
+    """dL/dx of the fused kernel vs the literal algorithm (reference.py) on the same inputs, g·B never stored."""
+    C_in, C_out, C_mid = 5, 7, 19
+    if case == "linear":
+        x, R, conv = torch.randn(9, C_in), torch.randn(C_mid, C_in), {}
+    elif case == "conv1d-stride2":
+        x, R, conv = torch.randn(2, C_in, 11), torch.randn(C_mid, C_in, 3), dict(stride=[2], padding=[1], dilation=[1])
+    elif case == "conv2d-3x3-pad1":
+        x, R, conv = torch.randn(2, C_in, 7, 6), torch.randn(C_mid, C_in, 3, 3), dict(stride=[1, 1], padding=[1, 1],
+                                                                                       dilation=[1, 1])
+    elif case == "conv2d-stride2-dilation2":
+        x, R, conv = torch.randn(2, C_in, 9, 8), torch.randn(C_mid, C_in, 3, 3), dict(stride=[2, 2], padding=[2, 1],
+                                                                                       dilation=[2, 2])
+    else:
+        x, R, conv = torch.randn(1, C_in, 8, 7), torch.randn(C_mid, C_in, 5, 3), dict(stride=[2, 1], padding=[2, 0],
+                                                                                       dilation=[1, 1])
+    B = torch.randn(C_out, C_mid) / 4
+    weight = torch.randn(C_out, *R.shape[1:])
+
+    def literal_input_grad(x, B, R, grad_output):
+        x = x.detach().clone().requires_grad_(True)
+        if case == "linear":
+            y = reference.pfa_linear(x, weight.to(x.dtype), None, B, R)
+        else:
+            y = reference.pfa_conv(x, weight.to(x.dtype), None, B, R, **conv)
+        y.backward(grad_output)
+        return x.grad
+
+    with torch.no_grad():
+        out = reference.pfa_linear(x, weight, None, B, R) if case == "linear" else reference.pfa_conv(
+            x, weight, None, B, R, **conv)
+    grad_output = torch.randn(out.shape)
+    low = [t.to(dtype) for t in (x, B, R, grad_output)]
+    fused = torch.ops.pfa_kernels.triton_sequence_input_grad(low[3], low[1], low[2], list(x.shape),
+                                                             conv.get("stride", []), conv.get("padding", []),
+                                                             conv.get("dilation", []))
+    assert fused.dtype == dtype and fused.shape == x.shape
+    exact = literal_input_grad(*[t.double() for t in low])
+    _check_low_precision(fused, literal_input_grad(*low), exact, dtype, case)
+
+
+LAYERS = {
+    "linear": lambda **kw: (pk.PFALinear(6, 5, **kw), torch.randn(3, 2, 6)),
+    "conv1d": lambda **kw: (pk.PFAConv1d(3, 5, 3, stride=2, padding=1, **kw), torch.randn(2, 3, 9)),
+    "conv2d": lambda **kw: (pk.PFAConv2d(3, 5, 3, stride=2, padding=1, dilation=1, **kw), torch.randn(2, 3, 7, 6)),
+    "conv2d-groups2": lambda **kw: (pk.PFAConv2d(4, 6, 3, padding=1, groups=2, **kw), torch.randn(2, 4, 5, 5)),
+    "conv3d": lambda **kw: (pk.PFAConv3d(2, 3, 3, padding=1, **kw), torch.randn(1, 2, 4, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("parametrization", ["explicit", "projected"])
+@pytest.mark.parametrize("strategy", ["auto", "product", "sequence"])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_layers_with_backend_triton_match_reference(kind, strategy, parametrization):
+    """backend="triton" on every layer kind, strategy and parametrization: float32 against the literal algorithm."""
+    layer, x = LAYERS[kind](expand_ratio=4, backend="triton", strategy=strategy, parametrization=parametrization)
+    plan = layer.backward_plan(x.shape)
+    assert plan.backend == "triton"
+    if plan.input_order == "sequence" and kind in ("conv2d-groups2", "conv3d"):
+        assert "runs in PyTorch" in plan.reason  # the planner says where the fused kernel does not apply
+    assert_matches_reference(layer, x, 1e-5)
+
+
+def test_model_level_feedback_weights_in_one_launch():
+    model = nn.Sequential(pk.PFAConv2d(3, 8, 3, expand_ratio=10), pk.PFAConv2d(8, 8, 3, groups=4, expand_ratio=1),
+                          pk.PFAConv2d(8, 8, 3, groups=2, expand_ratio=2, parametrization="projected"),
+                          pk.PFAConv2d(8, 8, 3, groups=4, expand_ratio=1, parametrization="projected"),
+                          nn.Flatten(), pk.PFALinear(8, 4, expand_ratio=3, parametrization="projected"))
+    assert model[3].feedback.M is None  # applied through B: the second launch
+    fast = pk.feedback_weights(model, backend="triton")
+    for name, layer in model.named_children():
+        if isinstance(layer, pk.nn.PFA_LAYERS):
+            assert relative_error(fast[name], layer.feedback.feedback_weight()) < 1e-5, name
+
+
+def test_triton_rejects_float64_and_auto_keeps_the_torch_backend():
+    layer = pk.PFALinear(4, 3, dtype=torch.float64, backend="triton")
+    with pytest.raises(TypeError, match="backend='triton' takes float32, float16 or bfloat16"):
+        layer(torch.randn(2, 4, dtype=torch.float64))
+    assert pk.planner.available_backends("cpu") == ("torch", "triton")
+    assert pk.planner.resolve_backend("auto", "cpu") == "torch"  # the interpreter is never picked by "auto"
