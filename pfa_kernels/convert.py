@@ -19,7 +19,15 @@ from torch import nn
 from .feedback import check_feedback_options
 from .nn import PFA_LAYERS, PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
 
-MODES = ("pfa",)
+# mode -> layer keyword arguments it implies; the fixed-feedback rules take no PFA feedback arguments.
+MODE_PRESETS = {
+    "pfa": {},
+    "pfa-o": {"feedback_init": "orthogonal", "expand_ratio": 1},
+    "kp": {"feedback_init": "identity", "expand_ratio": 1},
+    "fa": {"rule": "fa"}, "usf": {"rule": "usf"}, "frsf": {"rule": "frsf"}, "brsf": {"rule": "brsf"},
+}
+MODES = tuple(MODE_PRESETS)
+_FIXED_RULE_KWARGS = ("backend", "feedback_seed")
 _PFA_CLASS_FOR = ((nn.Conv1d, PFAConv1d), (nn.Conv2d, PFAConv2d), (nn.Conv3d, PFAConv3d), (nn.Linear, PFALinear))
 _LAYER_KWARGS = ("expand_ratio", "feedback_init", "feedback_density", "parametrization", "strategy", "backend",
                  "feedback_seed")
@@ -60,11 +68,13 @@ def _build_pfa_layer(module: nn.Module, pfa_class, layer_kwargs: dict) -> nn.Mod
 def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool = False, **layer_kwargs):
     """Replace every Linear/Conv1d/2d/3d in `model` (in place) by its PFA counterpart; return the model.
 
-    mode: "pfa". exclude: glob patterns (fnmatch) on qualified module names ("fc", "layer4.*") to
-    leave alone. layer_kwargs: the feedback keyword arguments of the PFA layers (expand_ratio,
-    feedback_init, feedback_density, parametrization, strategy, backend, feedback_seed); with
-    feedback_seed=s, the i-th converted layer gets seed s + i. With return_report=True, returns
-    (model, [ConversionRecord, ...]). The model is untouched if the call raises.
+    mode: "pfa" (the default), "pfa-o" (orthogonal B, r = 1), "kp" (Kolen-Pollack: B = I, r = 1), or a
+    fixed-feedback baseline "fa", "usf", "frsf", "brsf" (baselines.py; these take only backend and
+    feedback_seed). Layer keyword arguments override a mode's presets. exclude: glob patterns (fnmatch)
+    on qualified module names ("fc", "layer4.*") to leave alone. layer_kwargs: the feedback keyword
+    arguments of the PFA layers (expand_ratio, feedback_init, feedback_density, parametrization, strategy,
+    backend, feedback_seed); with feedback_seed=s, the i-th converted layer gets seed s + i. With
+    return_report=True, returns (model, [ConversionRecord, ...]). The model is untouched if the call raises.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -75,6 +85,12 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
     unknown = sorted(set(layer_kwargs) - set(_LAYER_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}; convert accepts {_LAYER_KWARGS}")
+    if "rule" in MODE_PRESETS[mode]:
+        ignored = sorted(set(layer_kwargs) - set(_FIXED_RULE_KWARGS))
+        if ignored:
+            raise TypeError(f"mode={mode!r} is a fixed-feedback rule; it takes only {_FIXED_RULE_KWARGS}, "
+                            f"not {ignored}")
+    layer_kwargs = {**MODE_PRESETS[mode], **layer_kwargs}
     check_feedback_options(layer_kwargs.get("feedback_init", "random"), layer_kwargs.get("feedback_density", 1.0),
                            layer_kwargs.get("parametrization", "explicit"))
     base_seed = layer_kwargs.pop("feedback_seed", None)

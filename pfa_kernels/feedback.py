@@ -257,6 +257,17 @@ class PFAFeedback(nn.Module):
         R_0 = self._draw()[1].to(self.B.device)
         return project_onto_feedback(self.B, R_0, self.groups)[1]
 
+    def op_arguments(self, weight: torch.Tensor):
+        """(B, M, feedback tensor, parametrization) as the PFA ops take them; weight is unused (the interface of
+        baselines.FixedFeedback)."""
+        if self.parametrization == "explicit":
+            return self.B, None, self.effective_R(), "explicit"
+        return self.B, self.M, self.Z, "projected"
+
+    def feedback_weight_for(self, weight: torch.Tensor) -> torch.Tensor:
+        """W_fb (PFA's does not depend on W)."""
+        return self.feedback_weight()
+
     def feedback_weight(self) -> torch.Tensor:
         """W_fb = B·R (or M·Z): W's shape, or dense (C_out, C_in, *kernel) when groups > 1 (DESIGN §2.3)."""
         if self.parametrization == "explicit":

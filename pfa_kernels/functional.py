@@ -32,8 +32,10 @@ def check_strategy_for(strategy, parametrization) -> str:
 
 
 def _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spatial_dims):
-    feedback_name = "R" if parametrization == "explicit" else "Z"
-    named = {"x": x, "weight": weight, "B": B, feedback_name: feedback}
+    feedback_name = {"explicit": "R", "projected": "Z", "direct": "feedback_weight"}[parametrization]
+    named = {"x": x, "weight": weight, feedback_name: feedback}
+    if parametrization != "direct":
+        named["B"] = B
     if bias is not None:
         named["bias"] = bias
     if M is not None:
@@ -54,9 +56,13 @@ def _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spa
     out_channels = weight.shape[0]
     if out_channels % groups:
         raise ValueError(f"groups={groups} must divide the output channels of weight ({out_channels})")
-    if B.dim() != 2 or B.shape[0] != out_channels:
+    if parametrization == "direct":
+        if tuple(feedback.shape) != tuple(weight.shape):
+            raise ValueError(f"feedback_weight must have weight's shape {tuple(weight.shape)}; got "
+                             f"{tuple(feedback.shape)}")
+    elif B.dim() != 2 or B.shape[0] != out_channels:
         raise ValueError(f"B must have shape (C_out={out_channels}, C_mid); got {tuple(B.shape)}")
-    mid_channels = B.shape[1]
+    mid_channels = 0 if parametrization == "direct" else B.shape[1]
     if mid_channels % groups:
         raise ValueError(f"groups={groups} must divide C_mid = B.shape[1] = {mid_channels}")
     if parametrization == "explicit":
@@ -64,7 +70,7 @@ def _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spa
         if tuple(feedback.shape) != expected_R:
             raise ValueError(
                 f"R must have shape (C_mid, C_in/groups, *kernel) = {expected_R}; got {tuple(feedback.shape)}")
-    else:
+    elif parametrization == "projected":
         expected_Z = (out_channels, weight.shape[1] * groups, *weight.shape[2:])
         if tuple(feedback.shape) != expected_Z:
             raise ValueError(f"Z must have shape (C_out, C_in, *kernel) = {expected_Z}; got {tuple(feedback.shape)}")
@@ -180,6 +186,23 @@ def _projected_conv(spatial_dims):
         f"    x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel), bias (C_out,) or None, B (C_out, C_mid),\n"
         f"    M (groups, C_out, C_out) = B_j B_j^T or None, Z (C_out, C_in, *kernel). Returns (N, C_out, *out).\n    ")
     return projected_conv
+
+
+def feedback_linear(x, weight, bias, feedback_weight, backend="auto"):
+    """Linear layer whose dL/dx uses a fixed feedback_weight (W's shape) instead of W (FA, sign symmetry).
+
+    x (..., C_in), weight and feedback_weight (C_out, C_in), bias (C_out,) or None. Returns (..., C_out).
+    """
+    return _linear(x, weight, bias, None, None, feedback_weight, "direct", "auto", backend)
+
+
+def feedback_conv(x, weight, bias, feedback_weight, stride=1, padding=0, dilation=1, groups=1, backend="auto"):
+    """Convolution (1d/2d/3d by weight.dim()) whose dL/dx uses a fixed feedback_weight (W's shape) instead of W.
+
+    x (N, C_in, *spatial), weight and feedback_weight (C_out, C_in/groups, *kernel), bias (C_out,) or None.
+    """
+    return _conv(weight.dim() - 2, x, weight, bias, None, None, feedback_weight, "direct", stride, padding, dilation,
+                 groups, "auto", backend)
 
 
 pfa_conv1d_projected = _projected_conv(1)

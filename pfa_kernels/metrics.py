@@ -48,18 +48,26 @@ def angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, cosine.item()))))
 
 
+def _weight_pair(layer):
+    """(W, W_fb) in one shape: W_fb's (PFA's is dense over groups; a fixed rule's has W's own shape)."""
+    feedback_weight = layer.feedback_weight()
+    weight = layer.weight.detach()
+    return (weight if feedback_weight.shape == weight.shape else dense_weight(layer)), feedback_weight
+
+
 @torch.no_grad()
 def path_alignment(layer: nn.Module) -> float:
-    """Angle in degrees between the layer's forward weight W and its feedback weight B·R."""
+    """Angle in degrees between the layer's forward weight W and its feedback weight W_fb (B·R for PFA; for a
+    fixed-feedback rule this is the weight alignment of FA / sign symmetry)."""
     _check_layer(layer)
-    return angle_degrees(dense_weight(layer), layer.feedback.feedback_weight())
+    return angle_degrees(*_weight_pair(layer))
 
 
 @torch.no_grad()
 def norm_ratio(layer: nn.Module) -> float:
-    """||B·R||_F / ||W||_F."""
+    """||W_fb||_F / ||W||_F."""
     _check_layer(layer)
-    return (layer.feedback.feedback_weight().double().norm() / layer.weight.detach().double().norm()).item()
+    return (layer.feedback_weight().double().norm() / layer.weight.detach().double().norm()).item()
 
 
 def theoretical_alignment(expand_ratio: float) -> float:
@@ -76,6 +84,7 @@ def report(model: nn.Module) -> list[dict]:
                 "layer": name or type(module).__name__,
                 "type": type(module).__name__,
                 "weight_shape": tuple(module.weight.shape),
+                "rule": module.rule,
                 "mid_channels": module.feedback.mid_channels,
                 "path_alignment": path_alignment(module),
                 "norm_ratio": norm_ratio(module),

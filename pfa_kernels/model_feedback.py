@@ -25,7 +25,11 @@ def feedback_weights(model: nn.Module, backend: str = "auto") -> dict[str, torch
     device = next(iter(layers.values())).weight.device
     backend = planner.resolve_backend(backend, device.type)
     if backend != "triton":
-        return {name: layer.feedback.feedback_weight() for name, layer in layers.items()}
+        return {name: layer.feedback_weight() for name, layer in layers.items()}
+    fixed = {name: layer.feedback_weight() for name, layer in layers.items() if layer.rule != "pfa"}
+    layers = {name: layer for name, layer in layers.items() if layer.rule == "pfa"}
+    if not layers:
+        return fixed
     from .backends.triton.pieces import B_by_group, columns_by_group
 
     lefts, rights, slots, inner_slots = [], [], [], []
@@ -51,7 +55,7 @@ def feedback_weights(model: nn.Module, backend: str = "auto") -> dict[str, torch
         second = torch.ops.pfa_kernels.triton_grouped_matmul([B_j for _, _, B_j in inner_slots],
                                                              [products[(name, j)] for name, j, _ in inner_slots])
         products.update({(name, j): product for (name, j, _), product in zip(inner_slots, second, strict=True)})
-    weights = {}
+    weights = dict(fixed)
     for name, layer in layers.items():
         groups, out_channels = layer.feedback.groups, layer.weight.shape[0]
         dense_shape = (out_channels, layer.weight.shape[1] * groups, *layer.weight.shape[2:])

@@ -15,6 +15,8 @@ Feedback keyword arguments (keyword-only, shared by every layer and pk.convert):
     strategy          "auto" | "product" | "sequence" | "reference" (the literal algorithm)
     backend           "auto" | "torch" | "triton" | "cpp" (a named backend must be available)
     feedback_seed     int or None: the seed B, R and the masks are drawn from
+    rule              "pfa" (the default: learned feedback as above), or a fixed-feedback baseline
+                      (baselines.py): "fa", "usf", "frsf", "brsf"; these ignore the PFA arguments
 """
 
 from __future__ import annotations
@@ -24,31 +26,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional, ops, planner
+from .baselines import FIXED_RULES, FixedFeedback
 from .feedback import PFAFeedback, check_feedback_options
+
+RULES = ("pfa", *FIXED_RULES)
 
 
 class _PFAMixin:
     """Feedback state and settings shared by every PFA layer."""
 
     def _init_feedback(self, in_per_group, kernel_size, groups, expand_ratio, feedback_init, feedback_density,
-                       parametrization, strategy, backend, feedback_seed, device, dtype):
-        self.feedback = PFAFeedback(self.weight.shape[0], in_per_group, kernel_size, groups, expand_ratio,
-                                    feedback_init, feedback_density, feedback_seed, device=device, dtype=dtype,
-                                    parametrization=parametrization)
+                       parametrization, strategy, backend, feedback_seed, device, dtype, rule="pfa"):
+        if rule == "pfa":
+            self.feedback = PFAFeedback(self.weight.shape[0], in_per_group, kernel_size, groups, expand_ratio,
+                                        feedback_init, feedback_density, feedback_seed, device=device, dtype=dtype,
+                                        parametrization=parametrization)
+        else:
+            self.feedback = FixedFeedback(rule, tuple(self.weight.shape), feedback_seed, device=device, dtype=dtype)
         self.strategy = strategy
         self.backend = backend
 
     @property
     def parametrization(self) -> str:
-        """ "explicit" or "projected" (pk.reparametrize switches it)."""
+        """ "explicit" or "projected" (pk.reparametrize switches it); "direct" for a fixed-feedback rule."""
         return self.feedback.parametrization
+
+    @property
+    def rule(self) -> str:
+        return getattr(self.feedback, "rule", "pfa")
+
+    def feedback_weight(self) -> torch.Tensor:
+        """The weight dL/dx uses in place of W: B·R (dense if groups > 1) or a fixed rule's W_fb (W's shape)."""
+        return self.feedback.feedback_weight_for(self.weight)
 
     def _feedback_arguments(self):
         """(B, M, feedback tensor, parametrization) as the functional ops take them."""
-        feedback = self.feedback
-        if feedback.parametrization == "explicit":
-            return feedback.B, None, feedback.effective_R(), "explicit"
-        return feedback.B, feedback.M, feedback.Z, "projected"
+        return self.feedback.op_arguments(self.weight)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -56,6 +69,8 @@ class _PFAMixin:
             self.feedback.reset_parameters()
 
     def _feedback_extra_repr(self) -> str:
+        if self.rule != "pfa":
+            return f", rule={self.rule!r}, backend={self.backend!r}"
         return (f", expand_ratio={self.feedback.expand_ratio}, feedback_init={self.feedback.feedback_init!r}, "
                 f"feedback_density={self.feedback.feedback_density}, parametrization={self.parametrization!r}, "
                 f"strategy={self.strategy!r}, backend={self.backend!r}")
@@ -72,13 +87,16 @@ class _PFAMixin:
         backend = planner.resolve_backend(self.backend, self.weight.device.type)
         strategy = "auto" if self.strategy == "reference" else self.strategy
         groups = getattr(self, "groups", 1)
+        feedback_parameter = self.feedback.parameter
         mask = [need_input_grad, self.weight.requires_grad, self.bias is not None,
-                self.feedback.parameter.requires_grad]
+                feedback_parameter is not None and feedback_parameter.requires_grad]
         return ops.plan_backward(output_shape, self.weight.shape, self.feedback.mid_channels, groups, strategy,
                                  backend, mask, self.parametrization, self.feedback.M is not None)
 
 
-def _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend):
+def _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule="pfa"):
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
     check_feedback_options(feedback_init, feedback_density, parametrization)
     functional.check_strategy_for(strategy, parametrization)
     if backend not in planner.BACKENDS:
@@ -94,11 +112,11 @@ class PFALinear(_PFAMixin, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  expand_ratio=10, feedback_init="random", feedback_density=1.0, parametrization="explicit",
-                 strategy="auto", backend="auto", feedback_seed=None):
-        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend)
+                 strategy="auto", backend="auto", feedback_seed=None, rule="pfa"):
+        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_feedback(in_features, (), 1, expand_ratio, feedback_init, feedback_density, parametrization,
-                            strategy, backend, feedback_seed, device, dtype)
+                            strategy, backend, feedback_seed, device, dtype, rule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return functional._linear(x, self.weight, self.bias, *self._feedback_arguments(), self.strategy, self.backend)
@@ -114,10 +132,10 @@ class _PFAConvNd(_PFAMixin):
     _spatial_dims: int
 
     def _init_conv_feedback(self, expand_ratio, feedback_init, feedback_density, parametrization, strategy,
-                            backend, feedback_seed, device, dtype):
+                            backend, feedback_seed, device, dtype, rule):
         self._init_feedback(self.in_channels // self.groups, self.kernel_size, self.groups, expand_ratio,
                             feedback_init, feedback_density, parametrization, strategy, backend, feedback_seed,
-                            device, dtype)
+                            device, dtype, rule)
 
     def _op_padding(self):
         """(explicit pad for F.pad or None, the op's symmetric zero padding)."""
@@ -153,12 +171,12 @@ def _conv_class(base: type[nn.Module], spatial_dims: int, name: str):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
                  padding_mode="zeros", device=None, dtype=None, *, expand_ratio=10, feedback_init="random",
                  feedback_density=1.0, parametrization="explicit", strategy="auto", backend="auto",
-                 feedback_seed=None):
-        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend)
+                 feedback_seed=None, rule="pfa"):
+        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule)
         base.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                       padding_mode, device=device, dtype=dtype)
         self._init_conv_feedback(expand_ratio, feedback_init, feedback_density, parametrization, strategy, backend,
-                                 feedback_seed, device, dtype)
+                                 feedback_seed, device, dtype, rule)
 
     doc = (f"nn.{base.__name__} with PFA feedback. Input (N, C_in, *spatial) or (C_in, *spatial), {spatial_dims} "
            f"spatial dims.\n\n    weight (C_out, C_in/groups, *kernel), bias (C_out,); feedback.B (C_out, C_mid), "

@@ -13,6 +13,8 @@ Four ops in the `pfa_kernels` namespace:
 parametrization "explicit": feedback is R (C_mid, C_in/groups, *kernel) and M is None.
 parametrization "projected": feedback is Z (C_out, C_in, *kernel), M = B_j B_j^T per group
 (G, C_out, C_out), or None to apply it through B (DESIGN.md section 2.4).
+parametrization "direct": feedback is W_fb itself (W's shape), B and M are None, and nothing learns: the
+fixed-feedback rules of baselines.py (backpropagation's backward with W_fb in dL/dx).
 
 The forward ops compute backpropagation's forward (the feedback does not touch the output) and save
 only x, weight, B, M and the feedback tensor; the backward ops are opaque to torch.compile, so the
@@ -37,6 +39,11 @@ _CONV_BY_SPATIAL_DIMS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strategy, backend, output_mask,
                   parametrization="explicit", keeps_projection_matrix=True):
     """The Plan (planner.Plan) a backward call with these shapes and this output_mask follows."""
+    if parametrization == "direct":
+        shape = planner.layer_shape(grad_output_shape, weight_shape, 0, groups)
+        macs = planner.candidate_macs(shape, output_mask[0], output_mask[1], False)
+        return planner.Plan("product" if output_mask[0] else None, None, backend, {"bp": macs["bp"]},
+                            "fixed feedback weight: backpropagation's backward with W_fb in dL/dx")
     out_channels = weight_shape[0]
     width = out_channels if keeps_projection_matrix else 2 * (mid_channels // groups)
     shape = planner.layer_shape(grad_output_shape, weight_shape, mid_channels, groups, parametrization,
@@ -48,6 +55,12 @@ def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strateg
         plan = dataclasses.replace(plan, reason=plan.reason + "; its sequence-order dL/dx runs in PyTorch (the fused "
                                    "Triton kernel covers linear, 1-d and 2-d layers with groups = 1)")
     return plan
+
+
+def _check_direct(output_mask):
+    if output_mask[3]:
+        raise ValueError("parametrization='direct' feedback (a fixed W_fb) does not learn: pass it without "
+                         "requires_grad")
 
 
 def _pieces(plan, weight, groups, parametrization, M):
@@ -96,8 +109,9 @@ def _fake_grads(x, weight, feedback, output_mask):
 
 
 @torch.library.custom_op("pfa_kernels::linear", mutates_args=())
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor, M: torch.Tensor | None,
-           feedback: torch.Tensor, parametrization: str, strategy: str, backend: str) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor | None,
+           M: torch.Tensor | None, feedback: torch.Tensor, parametrization: str, strategy: str, backend: str
+           ) -> torch.Tensor:
     """PFA linear forward: y = x W^T + b. x (..., C_in), weight (C_out, C_in), B (C_out, C_mid),
     feedback R (C_mid, C_in) or Z (C_out, C_in), M (1, C_out, C_out) or None."""
     return F.linear(x, weight, bias)
@@ -109,14 +123,17 @@ def _linear_fake(x, weight, bias, B, M, feedback, parametrization, strategy, bac
 
 
 @torch.library.custom_op("pfa_kernels::linear_backward", mutates_args=())
-def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor,
+def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor | None,
                     M: torch.Tensor | None, feedback: torch.Tensor, parametrization: str, strategy: str, backend: str,
                     output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PFA linear backward: (dL/dx, dL/dW, dL/db, dL/dfeedback); grad_output (..., C_out), others as in `linear`."""
-    plan = plan_backward(grad_output.shape, weight.shape, B.shape[1], 1, strategy, backend, output_mask,
-                         parametrization, M is not None)
+    plan = plan_backward(grad_output.shape, weight.shape, 0 if B is None else B.shape[1], 1, strategy, backend,
+                         output_mask, parametrization, M is not None)
     pieces = _pieces(plan, weight, 1, parametrization, M)
-    if parametrization == "projected":
+    if parametrization == "direct":
+        _check_direct(output_mask)
+        grads = torch_ops.direct_linear_backward(grad_output, x, weight, feedback, *output_mask[:3])
+    elif parametrization == "projected":
         grads = torch_ops.projected_linear_backward(grad_output, x, weight, B, M, feedback, plan, *output_mask,
                                                     pieces=pieces)
     else:
@@ -150,9 +167,9 @@ linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_
 
 
 @torch.library.custom_op("pfa_kernels::conv", mutates_args=())
-def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor, M: torch.Tensor | None,
-         feedback: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
-         parametrization: str, strategy: str, backend: str) -> torch.Tensor:
+def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor | None,
+         M: torch.Tensor | None, feedback: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+         groups: int, parametrization: str, strategy: str, backend: str) -> torch.Tensor:
     """PFA convolution forward (1d/2d/3d by weight.dim()): y = conv(x, W) + b, zero padding.
 
     x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel), bias (C_out,) or None,
@@ -169,16 +186,20 @@ def _conv_fake(x, weight, bias, B, M, feedback, stride, padding, dilation, group
 
 
 @torch.library.custom_op("pfa_kernels::conv_backward", mutates_args=())
-def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor,
+def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor | None,
                   M: torch.Tensor | None, feedback: torch.Tensor, stride: list[int], padding: list[int],
                   dilation: list[int], groups: int, parametrization: str, strategy: str, backend: str,
                   output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PFA convolution backward: (dL/dx, dL/dW, dL/db, dL/dfeedback); grad_output (N, C_out, *out_spatial)."""
-    plan = plan_backward(grad_output.shape, weight.shape, B.shape[1], groups, strategy, backend, output_mask,
-                         parametrization, M is not None)
+    plan = plan_backward(grad_output.shape, weight.shape, 0 if B is None else B.shape[1], groups, strategy, backend,
+                         output_mask, parametrization, M is not None)
     conv_args = (stride, padding, dilation, groups, plan, *output_mask)
     pieces = _pieces(plan, weight, groups, parametrization, M)
-    if parametrization == "projected":
+    if parametrization == "direct":
+        _check_direct(output_mask)
+        grads = torch_ops.direct_conv_backward(grad_output, x, weight, feedback, stride, padding, dilation, groups,
+                                               *output_mask[:3])
+    elif parametrization == "projected":
         grads = torch_ops.projected_conv_backward(grad_output, x, weight, B, M, feedback, *conv_args, pieces=pieces)
     else:
         grads = torch_ops.conv_backward(grad_output, x, weight, B, feedback, *conv_args, pieces=pieces)

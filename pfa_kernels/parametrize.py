@@ -26,7 +26,9 @@ LINEAR_OPTIMIZERS = (torch.optim.SGD, torch.optim.ASGD)
 
 
 def _pfa_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name or type(model).__name__: m for name, m in model.named_modules() if isinstance(m, PFA_LAYERS)}
+    """The layers with learned PFA feedback (fixed-feedback rules have nothing to reparametrize)."""
+    return {name or type(model).__name__: m for name, m in model.named_modules()
+            if isinstance(m, PFA_LAYERS) and m.rule == "pfa"}
 
 
 def reparametrize(model: nn.Module, parametrization: str) -> nn.Module:

@@ -118,3 +118,20 @@ def feedback_weight(B: torch.Tensor, R: torch.Tensor, groups: int = 1) -> torch.
         rows = slice(group * mid_per_group, (group + 1) * mid_per_group)
         blocks.append(torch.tensordot(B[:, rows], R[rows], dims=1))
     return torch.cat(blocks, dim=1)
+
+
+def fixed_feedback_linear(x, weight, bias, feedback_weight):
+    """Literal fixed-feedback rule (FA, sign symmetry) for a linear layer: y = x W^T + b in value; autograd
+    gives dL/dW, dL/db through W and dL/dx through feedback_weight (W's shape), by construction."""
+    y = F.linear(x.detach(), weight, bias)
+    through_feedback = F.linear(x, feedback_weight.detach())
+    return y + through_feedback - through_feedback.detach()
+
+
+def fixed_feedback_conv(x, weight, bias, feedback_weight, stride=1, padding=0, dilation=1, groups=1):
+    """Literal fixed-feedback rule for a convolution (1d/2d/3d by weight.dim()), zero padding: the value of
+    conv(x, W) + b, with dL/dx through conv(x, feedback_weight) and dL/dW through conv(x, W)."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    y = conv(x.detach(), weight, bias, stride, padding, dilation, groups)
+    through_feedback = conv(x, feedback_weight.detach(), None, stride, padding, dilation, groups)
+    return y + through_feedback - through_feedback.detach()

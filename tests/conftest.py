@@ -53,7 +53,9 @@ def layer_gradients(layer, x, grad_output=None, forward=None):
     if grad_output is None:
         grad_output = torch.randn_like(output)
     output.backward(grad_output)
-    grads = {"x": x.grad, "weight": layer.weight.grad, "R": layer.feedback.parameter.grad}
+    grads = {"x": x.grad, "weight": layer.weight.grad}
+    if layer.feedback.parameter is not None:  # fixed-feedback rules learn no feedback
+        grads["R"] = layer.feedback.parameter.grad
     if layer.bias is not None:
         grads["bias"] = layer.bias.grad
     for parameter in layer.parameters():

@@ -291,6 +291,34 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
     return grad_x, (grad_weight if need_weight else None), grad_bias, grad_Z
 
 
+# ----------------------------------------------------------------------------- direct (fixed-feedback rules)
+
+
+def direct_linear_backward(grad_output, x, weight, feedback_weight, need_input, need_weight, need_bias):
+    """Backpropagation with W_fb in dL/dx: (dL/dx, dL/dW, dL/db, None). feedback_weight has W's shape (C_out, C_in)."""
+    x_rows = x.reshape(-1, x.shape[-1])
+    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    grad_x = grad_rows.mm(feedback_weight).reshape(x.shape) if need_input else None
+    grad_weight = grad_rows.t().mm(x_rows) if need_weight else None
+    grad_bias = grad_rows.sum(0) if need_bias else None
+    return grad_x, grad_weight, grad_bias, None
+
+
+def direct_conv_backward(grad_output, x, weight, feedback_weight, stride, padding, dilation, groups, need_input,
+                         need_weight, need_bias):
+    """Backpropagation with W_fb in dL/dx for a convolution; feedback_weight has W's (grouped) shape."""
+    spatial_dims = x.dim() - 2
+    grad_x = grad_weight = grad_bias = None
+    common = (stride, padding, dilation, False, [0] * spatial_dims, groups)
+    if need_input:
+        grad_x = torch.ops.aten.convolution_backward(grad_output, x, feedback_weight, None, *common,
+                                                     [True, False, False])[0]
+    if need_weight or need_bias:
+        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output, x, weight, [weight.shape[0]] if need_bias else None, *common, [False, need_weight, need_bias])
+    return grad_x, grad_weight, grad_bias, None
+
+
 @dataclass(frozen=True)
 class Pieces:
     """The feedback-product kernels a backward uses; other backends (backends/triton) supply their own.
