@@ -19,6 +19,8 @@ setup(
     description="Product Feedback Alignment layers at the cost of backpropagation",
     packages=find_packages(include=["pfa_kernels", "pfa_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy"],
+    install_requires=["torch", "numpy", "pyyaml", "tqdm", "matplotlib", "scikit-learn", "torchvision"],
+    package_data={"pfa_kernels.train": ["configs/*.yaml"]},
+    entry_points={"console_scripts": ["pfa-train = pfa_kernels.train.__main__:main"]},
     ext_modules=extension_modules(),
 )

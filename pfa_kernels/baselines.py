@@ -78,6 +78,19 @@ class FixedFeedback(nn.Module):
             self.last_feedback_weight = torch.sign(weight) * self._batch_magnitudes(weight)
         return self.last_feedback_weight
 
+    def generator_state(self):
+        """The brsf draw generator's state (None before the first draw, and for the other rules): for checkpoints."""
+        if self._batch_generator is None:
+            return None
+        return {"device": str(self._batch_generator.device), "state": self._batch_generator.get_state()}
+
+    def load_generator_state(self, saved) -> None:
+        if saved is None:
+            self._batch_generator = None
+            return
+        self._batch_generator = torch.Generator(device=saved["device"])
+        self._batch_generator.set_state(saved["state"])
+
     def op_arguments(self, weight: torch.Tensor):
         """(B, M, feedback tensor, parametrization) for the PFA ops: W_fb used directly, nothing learned."""
         return None, None, self.feedback_weight_for(weight, new_batch=True).detach(), "direct"

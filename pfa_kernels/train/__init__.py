@@ -1,0 +1,1 @@
+"""Training with PFA and baseline rules: `python -m pfa_kernels.train --help` (recipes in configs/)."""

@@ -1,0 +1,117 @@
+"""Datasets for training: scikit-learn's digits (embedded, no download), MNIST and CIFAR-10 from a local
+folder (torchvision; downloaded only with data.download=true), and ImageFolder (ImageNet layout:
+root/train/<class>/*.jpg, root/val/<class>/*.jpg) with the standard augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's share of each global batch: batch k of an epoch is perm[k*B:(k+1)*B] (perm seeded by
+    seed + epoch) and rank r takes its r-th contiguous slice. The global batches are the same for any number
+    of ranks, so a DDP run equals one process with the same global batch (gradients are averaged)."""
+
+    def __init__(self, size: int, global_batch: int, rank: int, world_size: int, seed: int):
+        self.size, self.global_batch, self.rank, self.world_size, self.seed = size, global_batch, rank, world_size, seed
+        self.per_rank = global_batch // world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.global_batch
+
+    def __iter__(self):
+        permutation = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for start in range(0, len(self) * self.global_batch, self.global_batch):
+            shard = permutation[start + self.rank * self.per_rank:start + (self.rank + 1) * self.per_rank]
+            yield shard.tolist()
+
+
+def digits(seed: int = 0):
+    """(train, val) TensorDatasets of 8x8 digits (1 channel, pixels in [0, 1]); a fixed stratified 75/25 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = torch.from_numpy((data.images.astype(np.float32) / 16.0)[:, None])
+    labels = torch.from_numpy(data.target.astype(np.int64))
+    train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=0.25, random_state=seed,
+                                          stratify=data.target)
+    return TensorDataset(images[train_idx], labels[train_idx]), TensorDataset(images[val_idx], labels[val_idx])
+
+
+def _torchvision_dataset(name, root, download):
+    import torchvision
+    from torchvision import transforms
+
+    if name == "mnist":
+        normalize = transforms.Normalize((0.1307,), (0.3081,))
+        train_tf = val_tf = transforms.Compose([transforms.ToTensor(), normalize])
+        cls = torchvision.datasets.MNIST
+    else:
+        normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+        train_tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                       transforms.ToTensor(), normalize])
+        val_tf = transforms.Compose([transforms.ToTensor(), normalize])
+        cls = torchvision.datasets.CIFAR10
+    try:
+        return (cls(root, train=True, transform=train_tf, download=download),
+                cls(root, train=False, transform=val_tf, download=download))
+    except RuntimeError as error:
+        raise FileNotFoundError(f"{name} not found under data.root={root!r} ({error}); put it there, or set "
+                                f"data.download=true where the network allows") from error
+
+
+def image_folder(root, image_size: int):
+    """(train, val) ImageFolder datasets from root/train and root/val, ImageNet augmentation and normalization."""
+    import torchvision
+    from torchvision import transforms
+
+    root = Path(root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise FileNotFoundError(f"ImageFolder needs {root / split}/<class>/<images>; not found")
+    normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    resize = max(image_size, int(round(image_size * 256 / 224)))
+    val_tf = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor(),
+                                 normalize])
+    return (torchvision.datasets.ImageFolder(root / "train", train_tf),
+            torchvision.datasets.ImageFolder(root / "val", val_tf))
+
+
+def datasets(config: dict):
+    data = config["data"]
+    name = data["dataset"]
+    if name == "digits":
+        return digits(config["train"]["seed"])
+    if name in ("mnist", "cifar10"):
+        return _torchvision_dataset(name, data["root"], data["download"])
+    if name in ("imagenet", "imagefolder"):
+        return image_folder(data["root"], data["image_size"])
+    raise ValueError(f"data.dataset must be digits, mnist, cifar10, imagenet or imagefolder; got {name!r}")
+
+
+def loaders(config: dict, train_set, val_set, rank: int, world_size: int, device):
+    """(train loader, val loader, train batch sampler). Training batches come from GlobalBatchSampler; the
+    validation set is split across ranks (counts are summed across ranks by the caller)."""
+    data, train = config["data"], config["train"]
+    if train["batch_size"] % world_size:
+        raise ValueError(f"train.batch_size={train['batch_size']} must divide by the {world_size} DDP ranks")
+    batch_sampler = GlobalBatchSampler(len(train_set), train["batch_size"], rank, world_size, train["seed"])
+    in_memory = isinstance(train_set, TensorDataset)
+    common = dict(num_workers=0 if in_memory else data["workers"], pin_memory=data["pin_memory"] and
+                  device.type == "cuda", persistent_workers=not in_memory and data["workers"] > 0)
+    train_loader = DataLoader(train_set, batch_sampler=batch_sampler, **common)
+    val_sampler = DistributedSampler(val_set, world_size, rank, shuffle=False, drop_last=False)
+    val_loader = DataLoader(val_set, batch_size=max(1, train["batch_size"] // world_size), sampler=val_sampler,
+                            **common)
+    return train_loader, val_loader, batch_sampler
