@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .dfa import DirectFeedbackAlignment
 from .feedback import check_feedback_options
 from .nn import PFA_LAYERS, PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
 
@@ -25,6 +26,7 @@ MODE_PRESETS = {
     "pfa-o": {"feedback_init": "orthogonal", "expand_ratio": 1},
     "kp": {"feedback_init": "identity", "expand_ratio": 1},
     "fa": {"rule": "fa"}, "usf": {"rule": "usf"}, "frsf": {"rule": "frsf"}, "brsf": {"rule": "brsf"},
+    "dfa": {},  # a model wrapper, not per-layer feedback: see dfa.py
 }
 MODES = tuple(MODE_PRESETS)
 _FIXED_RULE_KWARGS = ("backend", "feedback_seed")
@@ -68,12 +70,13 @@ def _build_pfa_layer(module: nn.Module, pfa_class, layer_kwargs: dict) -> nn.Mod
 def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool = False, **layer_kwargs):
     """Replace every Linear/Conv1d/2d/3d in `model` (in place) by its PFA counterpart; return the model.
 
-    mode: "pfa" (the default), "pfa-o" (orthogonal B, r = 1), "kp" (Kolen-Pollack: B = I, r = 1), or a
+    mode: "pfa" (the default), "pfa-o" (orthogonal B, r = 1), "kp" (Kolen-Pollack: B = I, r = 1), a
     fixed-feedback baseline "fa", "usf", "frsf", "brsf" (baselines.py; these take only backend and
-    feedback_seed). Layer keyword arguments override a mode's presets. exclude: glob patterns (fnmatch)
-    on qualified module names ("fc", "layer4.*") to leave alone. layer_kwargs: the feedback keyword
-    arguments of the PFA layers (expand_ratio, feedback_init, feedback_density, parametrization, strategy,
-    backend, feedback_seed); with feedback_seed=s, the i-th converted layer gets seed s + i. With
+    feedback_seed), or "dfa" (returns a DirectFeedbackAlignment wrapping the model; dfa.py). Layer
+    keyword arguments override a mode's presets. exclude: glob patterns (fnmatch) on qualified module
+    names ("fc", "layer4.*") to leave alone. layer_kwargs: the feedback keyword arguments of the PFA
+    layers (expand_ratio, feedback_init, feedback_density, parametrization, strategy, backend,
+    feedback_seed); with feedback_seed=s, the i-th converted layer gets seed s + i. With
     return_report=True, returns (model, [ConversionRecord, ...]). The model is untouched if the call raises.
     """
     if mode not in MODES:
@@ -85,6 +88,11 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
     unknown = sorted(set(layer_kwargs) - set(_LAYER_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}; convert accepts {_LAYER_KWARGS}")
+    if mode == "dfa":
+        extra = sorted(set(layer_kwargs) - {"feedback_seed"})
+        if extra or exclude or return_report:
+            raise TypeError(f"mode='dfa' wraps the whole model and takes only feedback_seed; got {extra or 'exclude'}")
+        return DirectFeedbackAlignment(model, layer_kwargs.get("feedback_seed"))
     if "rule" in MODE_PRESETS[mode]:
         ignored = sorted(set(layer_kwargs) - set(_FIXED_RULE_KWARGS))
         if ignored:

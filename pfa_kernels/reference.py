@@ -135,3 +135,26 @@ def fixed_feedback_conv(x, weight, bias, feedback_weight, stride=1, padding=0, d
     y = conv(x.detach(), weight, bias, stride, padding, dilation, groups)
     through_feedback = conv(x, feedback_weight.detach(), None, stride, padding, dilation, groups)
     return y + through_feedback - through_feedback.detach()
+
+
+def dfa_mlp_gradients(x, weights, biases, feedback_matrices, grad_output):
+    """Literal DFA for an MLP y = W_L relu(... relu(W_1 x + b_1) ...) + b_L, by hand (no autograd):
+    e = grad_output (N, outputs); for hidden layer k's input h: dL/dh := e D_k^T (D_k (numel(h), outputs)),
+    through relu' to the layer below. Returns [(dL/dW_l, dL/db_l)] for every layer.
+
+    x (N, C_0); weights[l] (C_l+1, C_l); biases[l] (C_l+1,); feedback_matrices[k] for layers 2..L.
+    """
+    activations, pre = [x], []
+    for layer, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        a = activations[-1] @ weight.t() + bias
+        pre.append(a)
+        if layer < len(weights) - 1:
+            activations.append(torch.relu(a))
+    grads = [None] * len(weights)
+    delta = grad_output
+    grads[-1] = (delta.t() @ activations[-1], delta.sum(0))
+    for layer in range(len(weights) - 2, -1, -1):
+        grad_h = grad_output @ feedback_matrices[layer].t()    # dL/d(input of layer + 1), by D
+        delta = grad_h * (pre[layer] > 0).to(grad_h.dtype)     # through relu
+        grads[layer] = (delta.t() @ activations[layer], delta.sum(0))
+    return grads

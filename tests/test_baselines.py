@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCE, assert_relative_close, layer_gradients
+from conftest import TOLERANCE, assert_relative_close, layer_gradients, relative_error
 from torch import nn
 
 import pfa_kernels as pk
@@ -98,3 +98,39 @@ def test_fixed_rules_refuse_pfa_arguments_and_learning():
         y.sum().backward()
     model = pk.convert(nn.Sequential(nn.Linear(3, 2)), mode="fa")
     assert pk.reparametrize(model, "projected") is model and model[0].parametrization == "direct"
+
+
+def test_dfa_matches_the_literal_algorithm():
+    """DFA (one batched projection) vs the hand-written DFA of an MLP in float64: every weight and bias gradient."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    model = pk.convert(mlp, mode="dfa", feedback_seed=5)
+    x, grad_output = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    model(x).backward(grad_output)
+    linears = [m for m in mlp if isinstance(m, nn.Linear)]
+    expected = reference.dfa_mlp_gradients(x, [m.weight for m in linears], [m.bias for m in linears],
+                                           model.feedback_matrices(), grad_output)
+    for layer, (grad_weight, grad_bias) in zip(linears, expected, strict=True):
+        assert_relative_close(layer.weight.grad, grad_weight, TOLERANCE[torch.float64], "weight")
+        assert_relative_close(layer.bias.grad, grad_bias, TOLERANCE[torch.float64], "bias")
+    # The output layer learns as in backpropagation; the hidden layers do not.
+    dfa_grads = [layer.weight.grad.clone() for layer in linears]
+    mlp.zero_grad()
+    mlp(x).backward(grad_output)
+    torch.testing.assert_close(dfa_grads[-1], linears[-1].weight.grad)
+    assert relative_error(dfa_grads[0], linears[0].weight.grad) > 0.1
+
+
+def test_dfa_on_a_cnn_trains_and_keeps_its_feedback():
+    model = pk.convert(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                                     nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)), mode="dfa", feedback_seed=1)
+    x = torch.randn(8, 1, 8, 8)
+    model(x).sum().backward()
+    assert [D.shape for D in model.feedback_matrices()] == [(4 * 8 * 8, 3), (4 * 3 * 3, 3)]
+    D = model.D.clone()
+    model(x).sum().backward()
+    assert torch.equal(model.D, D)
+    with torch.no_grad():
+        assert model(x).shape == (8, 3)
+    with pytest.raises(TypeError, match="dfa"):
+        pk.convert(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), mode="dfa", expand_ratio=3)

@@ -30,7 +30,8 @@ DEFAULTS = {
     "model.num_classes": (10, "output classes"),
     "model.hidden": (512, "mlp: width of each hidden layer"),
     "model.depth": (2, "mlp: hidden layers"),
-    "rule.mode": ("pfa", "bp | pfa | pfa-o | kp | fa | usf | frsf | brsf (pk.convert modes; bp = no conversion)"),
+    "rule.mode": ("pfa", "bp | pfa | pfa-o | kp | fa | dfa | usf | frsf | brsf (pk.convert modes; bp = no "
+                         "conversion)"),
     "rule.expand_ratio": (10, "PFA: C_mid / C_out (pfa-o and kp use 1)"),
     "rule.parametrization": ("auto", "auto (projected with SGD, else explicit) | explicit | projected"),
     "rule.feedback_density": (1.0, "PFA: density of the fixed sparse masks on B and R"),

@@ -51,6 +51,8 @@ def apply_rule(model: nn.Module, config: dict) -> nn.Module:
     mode = rule["mode"]
     if mode == "bp":
         return model
+    if mode == "dfa":
+        return pk.convert(model, mode="dfa", feedback_seed=rule["feedback_seed"])
     kwargs = {"exclude": tuple(rule["exclude"]), "backend": rule["backend"], "feedback_seed": rule["feedback_seed"]}
     if mode in ("pfa", "pfa-o", "kp"):
         parametrization = rule["parametrization"]
