@@ -6,7 +6,7 @@
     pk.metrics.report(model)
 """
 
-from . import functional, metrics, planner, reference
+from . import baselines, dfa, functional, metrics, planner, reference
 from .convert import ConversionRecord, convert
 from .feedback import PFAFeedback
 from .model_feedback import feedback_weights
@@ -15,6 +15,8 @@ from .parametrize import check_optimizer, reparametrize
 
 __all__ = [
     "ConversionRecord",
+    "baselines",
+    "dfa",
     "PFAConv1d",
     "PFAConv2d",
     "PFAConv3d",

@@ -112,3 +112,16 @@ def test_resnet20_option_a():
     model = models.resnet20()
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(0.27e6, rel=0.02)  # He et al.: 0.27M
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_starts_from_a_backpropagation_checkpoint(tmp_path):
+    """model.checkpoint: a BP state dict (nn layers) loads into the converted model before training."""
+    bp = models.build(train_config.load("digits"), (1, 8, 8))
+    torch.save(bp.state_dict(), tmp_path / "bp.pt")
+    config = _config(tmp_path / "run", f"model.checkpoint={tmp_path / 'bp.pt'}", "train.max_steps=1",
+                     "optim.lr=0.0", "optim.large_weight_decay=0.0")
+    loop.run(config, progress=False)
+    state = torch.load(tmp_path / "run" / loop.CHECKPOINT, weights_only=False)["model"]
+    for key, value in bp.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert any(key.endswith("feedback.Z") for key in state)  # converted, projected under SGD

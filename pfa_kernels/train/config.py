@@ -30,6 +30,8 @@ DEFAULTS = {
     "model.num_classes": (10, "output classes"),
     "model.hidden": (512, "mlp: width of each hidden layer"),
     "model.depth": (2, "mlp: hidden layers"),
+    "model.checkpoint": (None, "a backpropagation state dict (e.g. torchvision's) to start from; the feedback "
+                               "of the converted layers is kept as drawn"),
     "rule.mode": ("pfa", "bp | pfa | pfa-o | kp | fa | dfa | usf | frsf | brsf (pk.convert modes; bp = no "
                          "conversion)"),
     "rule.expand_ratio": (10, "PFA: C_mid / C_out (pfa-o and kp use 1)"),

@@ -140,6 +140,10 @@ def run(config: dict, rank: int | None = None, world_size: int | None = None, in
     val_set = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))  # exact counts across ranks
     train_loader, val_loader, batch_sampler = data.loaders(config, train_set, val_set, rank, world_size, device)
     model = apply_rule(models.build(config, tuple(train_set[0][0].shape)), config).to(device)
+    if config["model"]["checkpoint"]:
+        state = torch.load(config["model"]["checkpoint"], map_location=device, weights_only=True)
+        target = model.model if isinstance(model, pk.dfa.DirectFeedbackAlignment) else model
+        target.load_state_dict(state)  # strict: every BP key must fit; PFA feedback keeps its draw
     channels_last = train_cfg["channels_last"]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
