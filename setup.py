@@ -1,16 +1,56 @@
 """Build script for pfa_kernels.
 
-The package is pure Python today; the compiled extension in csrc/ (CPU kernels, and CUDA kernels
-where torch has CUDA and CUDA_HOME is set) slots into `ext_modules` below. The package imports and
-works without it.
+The compiled extension pfa_kernels._C (csrc/) holds the pfa_kernels::cpp_* ops: CPU kernels always, and
+CUDA kernels when torch has CUDA and CUDA_HOME points at a toolkit with nvcc (set CUDA_HOME=/usr/local/cuda
+on this project's machines: torch's auto-detection picks /usr/local). TORCH_CUDA_ARCH_LIST defaults to
+"8.0;9.0" and MAX_JOBS to 2. Set PFA_KERNELS_NO_EXTENSION=1 to skip it: the package imports and works
+without it (backend="cpp" then raises).
 """
+
+import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 
 def extension_modules():
-    """Compiled extensions to build (none yet: csrc/ does not exist)."""
-    return []
+    """[the pfa_kernels._C extension]: a CUDAExtension when CUDA can be built here, else a CppExtension."""
+    if os.environ.get("PFA_KERNELS_NO_EXTENSION") == "1":
+        return []
+    import torch
+    from torch.utils import cpp_extension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("MAX_JOBS", "2")
+    cuda_home = os.environ.get("CUDA_HOME")
+    with_cuda = torch.version.cuda is not None and cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists()
+    sources = ["csrc/pfa_ops.cpp", "csrc/linear_sequence_cpu.cpp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's (C++20)
+    if with_cuda:
+        return [cpp_extension.CUDAExtension(
+            "pfa_kernels._C", sources + ["csrc/cuda/linear_sequence.cu"], include_dirs=_cuda_library_headers(),
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"])]
+    return [cpp_extension.CppExtension("pfa_kernels._C", sources + ["csrc/linear_sequence_cuda_stub.cpp"],
+                                       extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])]
+
+
+def _cuda_library_headers():
+    """Headers of the CUDA libraries torch's wheels bring (cuSPARSE, cuBLAS, ... under nvidia/cu13/include): ATen's
+    CUDA headers include them, and the toolkit in CUDA_HOME may not carry them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    roots = [Path(p) for p in spec.submodule_search_locations]
+    return [str(include) for root in roots for include in sorted(root.glob("*/include")) if include.is_dir()]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    # ninja keeps its build directory (build/) between runs: only changed sources recompile.
+    return BuildExtension.with_options(use_ninja=True)
 
 
 setup(
@@ -23,4 +63,5 @@ setup(
     package_data={"pfa_kernels.train": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["pfa-train = pfa_kernels.train.__main__:main"]},
     ext_modules=extension_modules(),
+    cmdclass={"build_ext": build_ext_class()} if os.environ.get("PFA_KERNELS_NO_EXTENSION") != "1" else {},
 )

@@ -50,6 +50,9 @@ def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strateg
                                 width if parametrization == "projected" else 0)
     need_input, need_weight, _, need_feedback = output_mask
     plan = planner.choose_orders(shape, strategy, need_input, need_weight, need_feedback, backend)
+    if backend == "cpp" and parametrization != "explicit":
+        plan = dataclasses.replace(plan, reason=plan.reason + f"; runs in PyTorch (the compiled ops cover the "
+                                   f"explicit parametrization, not {parametrization!r})")
     if backend == "triton" and plan.input_order == "sequence" and not planner.triton_fuses_sequence(
             len(weight_shape) - 2, groups, parametrization, keeps_projection_matrix):
         plan = dataclasses.replace(plan, reason=plan.reason + "; its sequence-order dL/dx runs in PyTorch (the fused "
@@ -133,6 +136,9 @@ def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Te
     if parametrization == "direct":
         _check_direct(output_mask)
         grads = torch_ops.direct_linear_backward(grad_output, x, weight, feedback, *output_mask[:3])
+    elif plan.backend == "cpp" and parametrization == "explicit":
+        grads = torch.ops.pfa_kernels.cpp_linear_backward(grad_output, x, weight, B, feedback, plan.input_order or "",
+                                                          plan.feedback_grad_order or "", output_mask)
     elif parametrization == "projected":
         grads = torch_ops.projected_linear_backward(grad_output, x, weight, B, M, feedback, plan, *output_mask,
                                                     pieces=pieces)
@@ -199,6 +205,10 @@ def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         _check_direct(output_mask)
         grads = torch_ops.direct_conv_backward(grad_output, x, weight, feedback, stride, padding, dilation, groups,
                                                *output_mask[:3])
+    elif plan.backend == "cpp" and parametrization == "explicit":
+        grads = torch.ops.pfa_kernels.cpp_conv_backward(grad_output, x, weight, B, feedback, stride, padding, dilation,
+                                                        groups, plan.input_order or "", plan.feedback_grad_order or "",
+                                                        output_mask)
     elif parametrization == "projected":
         grads = torch_ops.projected_conv_backward(grad_output, x, weight, B, M, feedback, *conv_args, pieces=pieces)
     else:

@@ -157,14 +157,19 @@ def check_strategy(strategy) -> str:
 def available_backends(device_type: str) -> tuple[str, ...]:
     """Backends that can run on tensors of this device type, in the order "auto" prefers them.
 
-    The pure-PyTorch backend runs everywhere. Triton runs on CUDA (preferred there) and on CPU only under
-    its interpreter, which "auto" never picks.
+    The pure-PyTorch backend runs everywhere and is "auto"'s choice on CPU. The compiled backend ("cpp") runs
+    where pfa_kernels._C is built (CUDA too if built with it). Triton runs on CUDA (preferred there) and on
+    CPU only under its interpreter, which "auto" never picks.
     """
+    from .backends import cpp as cpp_backend
     from .backends import triton as triton_backend
 
+    available = ["torch"]
+    if cpp_backend.is_available(device_type):
+        available.append("cpp")
     if triton_backend.is_available(device_type):
-        return ("triton", "torch") if device_type == "cuda" else ("torch", "triton")
-    return ("torch",)
+        available.insert(0 if device_type == "cuda" else len(available), "triton")
+    return tuple(available)
 
 
 def _unavailable_reason(backend: str, device_type: str) -> str:
@@ -172,7 +177,9 @@ def _unavailable_reason(backend: str, device_type: str) -> str:
         from .backends import triton as triton_backend
 
         return triton_backend.unavailable_reason(device_type)
-    return "it is not built into this installation"
+    from .backends import cpp as cpp_backend
+
+    return cpp_backend.unavailable_reason(device_type)
 
 
 def resolve_backend(backend, device_type: str) -> str:

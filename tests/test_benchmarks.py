@@ -89,3 +89,9 @@ def test_bench_triton_resource_table(tmp_path):
     _run("bench_triton.py", "--arch", "80", "--output-dir", str(tmp_path))
     table = (tmp_path / "triton_resources_sm80.md").read_text()
     assert table.count("| sequence_input_grad") >= 3 and table.count("| grouped_matmul") >= 3
+
+
+def test_bench_cpp_smoke():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpp.py"), "--rounds", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, check=True)
+    assert result.stdout.count("batch") == 3

@@ -1,0 +1,12 @@
+// Built only without CUDA: the CUDA entry point of the fused kernel, which then cannot be reached (no CUDA
+// tensors can be made without CUDA), raises instead of failing to link.
+
+#include "pfa_ops.h"
+
+namespace pfa_kernels {
+
+at::Tensor linear_sequence_input_grad_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "pfa_kernels was built without CUDA");
+}
+
+}  // namespace pfa_kernels

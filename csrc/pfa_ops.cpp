@@ -1,0 +1,144 @@
+// Schemas of the pfa_kernels C++ ops and their ATen-composite implementations (CPU and CUDA alike: GEMMs
+// and convolutions go to MKL/oneDNN or cuBLAS/cuDNN through ATen). The fused linear sequence kernel has a
+// CPU implementation (linear_sequence_cpu.cpp) and a CUDA one (cuda/linear_sequence.cu).
+
+#include "pfa_ops.h"
+
+#include <torch/library.h>
+
+namespace pfa_kernels {
+
+at::Tensor feedback_product(const at::Tensor& B, const at::Tensor& R, int64_t groups) {
+  const int64_t out_channels = B.size(0), mid_channels = B.size(1), mid_per_group = mid_channels / groups;
+  TORCH_CHECK(mid_channels % groups == 0, "groups=", groups, " must divide C_mid=", mid_channels);
+  auto B_by_group = B.reshape({out_channels, groups, mid_per_group}).transpose(0, 1);  // (G, C_out, C_mid/G)
+  auto R_by_group = R.reshape({groups, mid_per_group, -1});                             // (G, C_mid/G, K)
+  auto dense = at::bmm(B_by_group, R_by_group);                                         // (G, C_out, K)
+  std::vector<int64_t> shape{groups, out_channels, R.size(1)};
+  for (int64_t d = 2; d < R.dim(); ++d) shape.push_back(R.size(d));
+  dense = dense.reshape(shape).transpose(0, 1);
+  shape = {out_channels, groups * R.size(1)};
+  for (int64_t d = 2; d < R.dim(); ++d) shape.push_back(R.size(d));
+  return dense.reshape(shape);
+}
+
+namespace {
+
+// dL/dR = B_j^T C_j per group from the dense correlation C (C_out, C_in, *kernel).
+at::Tensor feedback_grad_from_correlation(const at::Tensor& B, const at::Tensor& correlation, int64_t groups) {
+  const int64_t out_channels = B.size(0), mid_channels = B.size(1), mid_per_group = mid_channels / groups;
+  auto B_by_group = B.reshape({out_channels, groups, mid_per_group}).permute({1, 2, 0});
+  auto corr_by_group = correlation.reshape({out_channels, groups, -1}).transpose(0, 1);
+  auto grad = at::bmm(B_by_group, corr_by_group);
+  std::vector<int64_t> shape{mid_channels, correlation.size(1) / groups};
+  for (int64_t d = 2; d < correlation.dim(); ++d) shape.push_back(correlation.size(d));
+  return grad.reshape(shape);
+}
+
+// dL/dW of a grouped conv: the diagonal blocks of the dense correlation.
+at::Tensor weight_grad_from_correlation(const at::Tensor& correlation, int64_t groups) {
+  const int64_t out_channels = correlation.size(0), in_channels = correlation.size(1);
+  auto blocks = correlation.reshape({groups, out_channels / groups, groups, in_channels / groups, -1});
+  auto diagonal = at::diagonal(blocks, 0, 0, 2);  // (C_out/G, C_in/G, K, G)
+  std::vector<int64_t> shape{out_channels, in_channels / groups};
+  for (int64_t d = 2; d < correlation.dim(); ++d) shape.push_back(correlation.size(d));
+  return diagonal.permute({3, 0, 1, 2}).reshape(shape);
+}
+
+at::Tensor or_empty(const at::Tensor& value, bool wanted, const at::Tensor& like) {
+  return wanted ? value.contiguous() : at::empty({0}, like.options());
+}
+
+at::Tensor linear_sequence_input_grad(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
+  return grad_output.is_cuda() ? linear_sequence_input_grad_cuda(grad_output, B, R)
+                               : linear_sequence_input_grad_cpu(grad_output, B, R);
+}
+
+}  // namespace
+
+Grads linear_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& B, const at::Tensor& R, const std::string& input_order,
+                      const std::string& feedback_order, std::array<bool, 4> output_mask) {
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2], need_r = output_mask[3];
+  auto x_rows = x.reshape({-1, x.size(-1)});
+  auto g_rows = grad_output.reshape({-1, grad_output.size(-1)});
+  at::Tensor grad_x, grad_w, grad_b, grad_r;
+  if (need_w || (need_r && feedback_order == "product")) grad_w = at::mm(g_rows.t(), x_rows);
+  if (need_b) grad_b = g_rows.sum(0);
+  if (need_x) {
+    // The sequence order runs fused: (g·B)·R with g·B kept in cache / shared memory, never stored whole.
+    grad_x = input_order == "product" ? at::mm(g_rows, feedback_product(B, R, 1))
+                                      : linear_sequence_input_grad(g_rows.contiguous(), B, R);
+    grad_x = grad_x.reshape(x.sizes());
+  }
+  if (need_r) grad_r = feedback_order == "product" ? feedback_grad_from_correlation(B, grad_w, 1)
+                                                   : at::mm(at::mm(g_rows, B).t(), x_rows);
+  return {or_empty(grad_x, need_x, x), or_empty(grad_w, need_w, weight), or_empty(grad_b, need_b, weight),
+          or_empty(grad_r, need_r, R)};
+}
+
+Grads conv_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& B, const at::Tensor& R, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups, const std::string& input_order,
+                    const std::string& feedback_order, std::array<bool, 4> output_mask) {
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2], need_r = output_mask[3];
+  const int64_t spatial = x.dim() - 2;
+  std::vector<int64_t> output_padding(spatial, 0);
+  std::vector<int64_t> bias_sizes{weight.size(0)};
+  auto conv_grads = [&](const at::Tensor& grad, const at::Tensor& weight_like, int64_t conv_groups,
+                        std::array<bool, 3> mask) {
+    return at::convolution_backward(grad, x, weight_like, mask[2] ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt,
+                                    stride, padding, dilation, false, output_padding, conv_groups, mask);
+  };
+  at::Tensor grad_x, grad_w, grad_b, grad_r, correlation;
+  const bool feedback_by_product = need_r && feedback_order == "product";
+  if (need_x && input_order == "product") {
+    const bool want_correlation = feedback_by_product || (groups == 1 && need_w);
+    std::tie(grad_x, correlation, grad_b) =
+        conv_grads(grad_output, feedback_product(B, R, groups), 1, {true, want_correlation, need_b});
+  } else if (feedback_by_product) {
+    std::vector<int64_t> dense_shape(weight.sizes().begin(), weight.sizes().end());
+    dense_shape[1] *= groups;
+    auto dense_like = groups > 1 ? at::empty(dense_shape, weight.options()) : weight;
+    std::tie(std::ignore, correlation, grad_b) = conv_grads(grad_output, dense_like, 1, {false, true, need_b});
+  }
+  if (need_w && correlation.defined()) grad_w = groups == 1 ? correlation : weight_grad_from_correlation(correlation, groups);
+  if ((need_w && !grad_w.defined()) || (need_b && !grad_b.defined())) {
+    at::Tensor bp_w, bp_b;
+    std::tie(std::ignore, bp_w, bp_b) =
+        conv_grads(grad_output, weight, groups, {false, need_w && !grad_w.defined(), need_b && !grad_b.defined()});
+    if (!grad_w.defined()) grad_w = bp_w;
+    if (!grad_b.defined()) grad_b = bp_b;
+  }
+  if (feedback_by_product) grad_r = feedback_grad_from_correlation(B, correlation, groups);
+  const bool sequence_x = need_x && input_order == "sequence";
+  const bool sequence_r = need_r && feedback_order == "sequence";
+  if (sequence_x || sequence_r) {
+    auto grad_mid = at::matmul(grad_output.movedim(1, -1), B).movedim(-1, 1);
+    at::Tensor seq_x, seq_r;
+    std::tie(seq_x, seq_r, std::ignore) = conv_grads(grad_mid, R, groups, {sequence_x, sequence_r, false});
+    if (sequence_x) grad_x = seq_x;
+    if (sequence_r) grad_r = seq_r;
+  }
+  return {or_empty(grad_x, need_x, x), or_empty(grad_w, need_w, weight), or_empty(grad_b, need_b, weight),
+          or_empty(grad_r, need_r, R)};
+}
+
+}  // namespace pfa_kernels
+
+TORCH_LIBRARY(pfa_kernels, m) {
+  m.def("cpp_feedback_product(Tensor B, Tensor R, int groups) -> Tensor");
+  m.def("cpp_linear_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor B, Tensor R, str input_order, "
+        "str feedback_order, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpp_conv_backward(Tensor grad_output, Tensor x, Tensor weight, Tensor B, Tensor R, int[] stride, "
+        "int[] padding, int[] dilation, int groups, str input_order, str feedback_order, bool[4] output_mask) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpp_linear_sequence_input_grad(Tensor grad_output, Tensor B, Tensor R) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pfa_kernels, CPU, m) {
+  m.impl("cpp_feedback_product", &pfa_kernels::feedback_product);
+  m.impl("cpp_linear_backward", &pfa_kernels::linear_backward);
+  m.impl("cpp_conv_backward", &pfa_kernels::conv_backward);
+  m.impl("cpp_linear_sequence_input_grad", &pfa_kernels::linear_sequence_input_grad_cpu);
+}

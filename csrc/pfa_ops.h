@@ -1,0 +1,35 @@
+// Shared declarations of the pfa_kernels C++ ops (schemas in pfa_ops.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace pfa_kernels {
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// W_fb = B·R contracted over C_mid, dense over groups: (C_out, C_in, *kernel). B (C_out, C_mid),
+// R (C_mid, C_in/groups, *kernel).
+at::Tensor feedback_product(const at::Tensor& B, const at::Tensor& R, int64_t groups);
+
+// The PFA backward composed from ATen (GEMMs, convolutions): any device. Orders "product" | "sequence"
+// ("" when that gradient is not wanted), chosen by the Python planner. Returns (dL/dx, dL/dW, dL/db,
+// dL/dR), empty tensors where output_mask is false.
+Grads linear_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& B, const at::Tensor& R, const std::string& input_order,
+                      const std::string& feedback_order, std::array<bool, 4> output_mask);
+Grads conv_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& B, const at::Tensor& R, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups, const std::string& input_order,
+                    const std::string& feedback_order, std::array<bool, 4> output_mask);
+
+// Fused sequence-order input gradient of a linear layer, dL/dx = (g·B)·R, g·B never written to memory.
+// grad_output (P, C_out), B (C_out, C_mid), R (C_mid, C_in) -> (P, C_in). Device-specific kernels.
+at::Tensor linear_sequence_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R);
+at::Tensor linear_sequence_input_grad_cuda(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R);
+
+}  // namespace pfa_kernels
