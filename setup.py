@@ -28,8 +28,10 @@ def extension_modules():
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's (C++20)
     if with_cuda:
         return [cpp_extension.CUDAExtension(
-            "pfa_kernels._C", sources + ["csrc/cuda/linear_sequence.cu"], include_dirs=_cuda_library_headers(),
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]}, extra_link_args=["-fopenmp"])]
+            "pfa_kernels._C", sources + ["csrc/cuda/linear_sequence.cu"],
+            include_dirs=_cuda_library_headers() + [_cutlass_headers()],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=["-fopenmp"])]
     return [cpp_extension.CppExtension("pfa_kernels._C", sources + ["csrc/linear_sequence_cuda_stub.cpp"],
                                        extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])]
 
@@ -44,6 +46,16 @@ def _cuda_library_headers():
         return []
     roots = [Path(p) for p in spec.submodule_search_locations]
     return [str(include) for root in roots for include in sorted(root.glob("*/include")) if include.is_dir()]
+
+
+def _cutlass_headers() -> str:
+    """CUTLASS/CuTe headers, from the pinned nvidia-cutlass package (cutlass_library/source/include)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the CUDA extension needs CUTLASS headers: pip install nvidia-cutlass (requirements.txt)")
+    return str(Path(spec.submodule_search_locations[0]) / "source" / "include")
 
 
 def build_ext_class():

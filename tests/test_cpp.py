@@ -102,7 +102,9 @@ def test_library_carries_cuda_kernels_for_sm80_and_sm90():
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     listing = subprocess.run([str(cuobjdump), "-sass", library], capture_output=True, text=True, check=True).stdout
     assert "arch = sm_80" in listing and "arch = sm_90" in listing
-    assert listing.count("linear_sequence_bwd_kernel") >= 8  # 4 dtypes x 2 architectures
+    assert listing.count("linear_sequence_bwd_kernel") >= 4  # fp32 and fp64 (CUDA cores) x 2 architectures
+    assert listing.count("linear_sequence_tc_bwd_kernel") >= 4  # fp16 and bf16 on CuTe x 2 architectures
+    assert "HMMA" in listing  # the CuTe kernels run on tensor cores
     assert cpp.has_cuda_kernels()
     for op in cpp.OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pfa_kernels::{op}", "CUDA"), op

@@ -3,9 +3,12 @@
 // accumulation, rounded to the input dtype as a stored g_mid would be), multiplies it by R for every column
 // tile and adds the result into an fp32 dx with atomics; the mid chunks of a position tile meet there, which is
 // where the parallelism comes from when P is small (the case the planner sends to the sequence order).
-// Runs on the current stream. fp32/fp16/bf16 (and fp64) inputs; products on CUDA cores (FMA).
+// Runs on the current stream. fp16/bf16 inputs take the tensor-core kernel built on CuTe
+// (linear_sequence_tc.cuh: SM80 MMA atoms, fp32 accumulation); fp32 and fp64 inputs take the kernel below,
+// on CUDA cores (FMA), which keeps their products exact to their own precision.
 
 #include "../pfa_ops.h"
+#include "linear_sequence_tc.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -89,7 +92,23 @@ at::Tensor linear_sequence_input_grad_cuda(const at::Tensor& grad_output, const 
   auto dx = at::zeros({P, C_in}, g.options().dtype(is_double ? at::kDouble : at::kFloat));
   const dim3 grid((P + TILE_P - 1) / TILE_P, (C_mid + TILE_MID - 1) / TILE_MID);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "linear_sequence_input_grad_cuda", [&] {
+  if (g.scalar_type() == at::kHalf || g.scalar_type() == at::kBFloat16) {
+    const dim3 tc_grid((P + tc::TILE_P - 1) / tc::TILE_P, (C_mid + tc::TILE_MID - 1) / tc::TILE_MID);
+    if (g.scalar_type() == at::kHalf) {
+      using T = cute::half_t;  // the same 16 bits as at::Half
+      tc::linear_sequence_tc_bwd_kernel<T><<<tc_grid, tc::THREADS, 0, stream>>>(
+          reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(b.data_ptr()),
+          reinterpret_cast<const T*>(r.data_ptr()), dx.data_ptr<float>(), P, C_out, C_mid, C_in);
+    } else {
+      using T = cute::bfloat16_t;  // the same 16 bits as at::BFloat16
+      tc::linear_sequence_tc_bwd_kernel<T><<<tc_grid, tc::THREADS, 0, stream>>>(
+          reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(b.data_ptr()),
+          reinterpret_cast<const T*>(r.data_ptr()), dx.data_ptr<float>(), P, C_out, C_mid, C_in);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return dx.to(g.scalar_type());
+  }
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "linear_sequence_input_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     linear_sequence_bwd_kernel<scalar_t, acc_t><<<grid, THREADS, 0, stream>>>(
         g.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), dx.data_ptr<acc_t>(), P, C_out,
