@@ -21,6 +21,18 @@ template <typename T> struct MmaAtom;
 template <> struct MmaAtom<half_t> { using type = SM80_16x8x16_F32F16F16F32_TN; };
 template <> struct MmaAtom<bfloat16_t> { using type = SM80_16x8x16_F32BF16BF16F32_TN; };
 
+// tile(i, j) = source[(row0 + i) * row_stride + (col0 + j) * col_stride], zero outside rows_total x cols_total.
+template <typename T, typename SmemTile>
+__device__ void load_tile(SmemTile& tile, const T* __restrict__ source, int64_t row0, int64_t col0, int64_t rows_total,
+                          int64_t cols_total, int64_t row_stride, int64_t col_stride) {
+  constexpr int cols = decltype(size<1>(tile))::value;
+  for (int i = threadIdx.x; i < decltype(size(tile))::value; i += THREADS) {
+    const int64_t row = row0 + i / cols, col = col0 + i % cols;
+    tile(i / cols, i % cols) = (row < rows_total && col < cols_total) ? source[row * row_stride + col * col_stride]
+                                                                      : T(0);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(THREADS) linear_sequence_tc_bwd_kernel(
     const T* __restrict__ g, const T* __restrict__ B, const T* __restrict__ R, float* __restrict__ dx, int64_t P,
@@ -47,16 +59,8 @@ __global__ void __launch_bounds__(THREADS) linear_sequence_tc_bwd_kernel(
   Tensor frag_A = thr.partition_fragment_A(sA);
   Tensor frag_B = thr.partition_fragment_B(sB);
   for (int64_t k0 = 0; k0 < C_out; k0 += TILE_K) {
-    for (int i = tid; i < TILE_P * TILE_K; i += THREADS) {
-      const int r = i / TILE_K, k = i % TILE_K;
-      const int64_t p = p0 + r, o = k0 + k;
-      sA(r, k) = (p < P && o < C_out) ? g[p * C_out + o] : T(0);
-    }
-    for (int i = tid; i < TILE_MID * TILE_K; i += THREADS) {
-      const int m = i / TILE_K, k = i % TILE_K;
-      const int64_t mid = m0 + m, o = k0 + k;
-      sB(m, k) = (mid < C_mid && o < C_out) ? B[o * C_mid + mid] : T(0);
-    }
+    load_tile(sA, g, p0, k0, P, C_out, C_out, 1);      // g[p, o]
+    load_tile(sB, B, m0, k0, C_mid, C_out, 1, C_mid);  // B[o, mid] as (mid, o)
     __syncthreads();
     copy(thr.partition_A(sA), frag_A);
     copy(thr.partition_B(sB), frag_B);
@@ -73,11 +77,7 @@ __global__ void __launch_bounds__(THREADS) linear_sequence_tc_bwd_kernel(
   Tensor frag_R = thr.partition_fragment_B(sR);
   Tensor coords = thr.partition_C(make_identity_tensor(make_shape(Int<TILE_P>{}, Int<TILE_C>{})));
   for (int64_t c0 = 0; c0 < C_in; c0 += TILE_C) {
-    for (int i = tid; i < TILE_C * TILE_MID; i += THREADS) {
-      const int c = i / TILE_MID, m = i % TILE_MID;
-      const int64_t col = c0 + c, mid = m0 + m;
-      sR(c, m) = (col < C_in && mid < C_mid) ? R[mid * C_in + col] : T(0);
-    }
+    load_tile(sR, R, c0, m0, C_in, C_mid, 1, C_in);     // R[mid, col] as (col, mid)
     __syncthreads();
     copy(thr.partition_B(sR), frag_R);
     Tensor acc_dx = partition_fragment_C(mma, make_shape(Int<TILE_P>{}, Int<TILE_C>{}));
