@@ -66,6 +66,28 @@ def mid_error(grad_output: torch.Tensor, B: torch.Tensor, channel_dim: int) -> t
     return torch.matmul(grad_output.movedim(channel_dim, -1), B).movedim(-1, channel_dim)
 
 
+def _conv_grads_for(x, weight, stride, padding, dilation, need_bias):
+    """convolution_backward on input x with these conv arguments, as conv_grads(grad, weight_like, groups, mask)
+    -> (dL/dx, dL/dweight_like, dL/db); only weight_like's shape matters for the weight gradient."""
+    bias_sizes = [weight.shape[0]] if need_bias else None
+    output_padding = [0] * (x.dim() - 2)
+
+    def conv_grads(grad, weight_like, conv_groups, mask):
+        return torch.ops.aten.convolution_backward(grad, x, weight_like, bias_sizes if mask[2] else None, stride,
+                                                   padding, dilation, False, output_padding, conv_groups, mask)
+    return conv_grads
+
+
+def _fill_weight_and_bias(conv_grads, grad_output, weight, groups, grad_weight, grad_bias, need_weight, need_bias):
+    """BP's own dL/dW and dL/db for whichever of them a cheaper path did not already give (None there)."""
+    missing_weight, missing_bias = need_weight and grad_weight is None, need_bias and grad_bias is None
+    if missing_weight or missing_bias:
+        _, bp_weight, bp_bias = conv_grads(grad_output, weight, groups, [False, missing_weight, missing_bias])
+        grad_weight = bp_weight if missing_weight else grad_weight
+        grad_bias = bp_bias if missing_bias else grad_bias
+    return grad_weight, grad_bias
+
+
 def linear_backward(grad_output, x, weight, B, R, plan: Plan, need_input, need_weight, need_bias, need_feedback,
                     pieces: Pieces | None = None):
     """Gradients of a PFA linear layer: (dL/dx, dL/dW, dL/db, dL/dR), None where not needed.
@@ -113,13 +135,7 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
     pieces: the feedback-product kernels to use (another backend's; default: these PyTorch ones).
     """
     pieces = pieces or TORCH_PIECES
-    spatial_dims = x.dim() - 2
-    bias_sizes = [weight.shape[0]] if need_bias else None
-
-    def conv_grads(grad, weight_like, conv_groups, mask):
-        return torch.ops.aten.convolution_backward(
-            grad, x, weight_like, bias_sizes if mask[2] else None, stride, padding, dilation, False,
-            [0] * spatial_dims, conv_groups, mask)
+    conv_grads = _conv_grads_for(x, weight, stride, padding, dilation, need_bias)
 
     grad_x = grad_weight = grad_bias = grad_R = None
     correlation = None  # conv_weight(x, g) with groups = 1: dL/dW itself when groups = 1
@@ -140,11 +156,8 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
     if need_weight:
         if correlation is not None:
             grad_weight = correlation if groups == 1 else weight_grad_from_correlation(correlation, groups)
-    if (need_weight and grad_weight is None) or (need_bias and grad_bias is None):
-        _, bp_weight, bp_bias = conv_grads(
-            grad_output, weight, groups, [False, need_weight and grad_weight is None, need_bias and grad_bias is None])
-        grad_weight = bp_weight if grad_weight is None else grad_weight
-        grad_bias = bp_bias if grad_bias is None else grad_bias
+    grad_weight, grad_bias = _fill_weight_and_bias(conv_grads, grad_output, weight, groups, grad_weight, grad_bias,
+                                                   need_weight, need_bias)
 
     if feedback_by_product:
         grad_R = pieces.feedback_grad_from_correlation(B, correlation, groups)
@@ -250,13 +263,7 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
     pieces: the kernels to use (default: these PyTorch ones).
     """
     pieces = pieces or TORCH_PIECES
-    spatial_dims = x.dim() - 2
-    bias_sizes = [weight.shape[0]] if need_bias else None
-
-    def conv_grads(grad, weight_like, conv_groups, mask):
-        return torch.ops.aten.convolution_backward(
-            grad, x, weight_like, bias_sizes if mask[2] else None, stride, padding, dilation, False,
-            [0] * spatial_dims, conv_groups, mask)
+    conv_grads = _conv_grads_for(x, weight, stride, padding, dilation, need_bias)
 
     grad_x = grad_weight = grad_bias = None
     correlation = None  # conv_weight(x, g) with groups = 1: dL/dZ, and dL/dW itself when groups = 1
@@ -269,11 +276,8 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
 
     if need_weight and correlation is not None:
         grad_weight = correlation if groups == 1 else weight_grad_from_correlation(correlation, groups)
-    if (need_weight and grad_weight is None) or (need_bias and grad_bias is None):
-        _, bp_weight, bp_bias = conv_grads(
-            grad_output, weight, groups, [False, need_weight and grad_weight is None, need_bias and grad_bias is None])
-        grad_weight = bp_weight if grad_weight is None else grad_weight
-        grad_bias = bp_bias if grad_bias is None else grad_bias
+    grad_weight, grad_bias = _fill_weight_and_bias(conv_grads, grad_output, weight, groups, grad_weight, grad_bias,
+                                                   need_weight, need_bias)
 
     fused = pieces.sequence_input_grad is not None and groups == 1 and M is not None
     if need_input and plan.input_order == "sequence" and fused:  # conv_transpose(M g, Z), M g never in memory
@@ -307,15 +311,10 @@ def direct_linear_backward(grad_output, x, weight, feedback_weight, need_input, 
 def direct_conv_backward(grad_output, x, weight, feedback_weight, stride, padding, dilation, groups, need_input,
                          need_weight, need_bias):
     """Backpropagation with W_fb in dL/dx for a convolution; feedback_weight has W's (grouped) shape."""
-    spatial_dims = x.dim() - 2
-    grad_x = grad_weight = grad_bias = None
-    common = (stride, padding, dilation, False, [0] * spatial_dims, groups)
-    if need_input:
-        grad_x = torch.ops.aten.convolution_backward(grad_output, x, feedback_weight, None, *common,
-                                                     [True, False, False])[0]
-    if need_weight or need_bias:
-        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_output, x, weight, [weight.shape[0]] if need_bias else None, *common, [False, need_weight, need_bias])
+    conv_grads = _conv_grads_for(x, weight, stride, padding, dilation, need_bias)
+    grad_x = conv_grads(grad_output, feedback_weight, groups, [True, False, False])[0] if need_input else None
+    grad_weight, grad_bias = _fill_weight_and_bias(conv_grads, grad_output, weight, groups, None, None, need_weight,
+                                                   need_bias)
     return grad_x, grad_weight, grad_bias, None
 
 

@@ -102,14 +102,19 @@ def _feedback_generators(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, pk.baselines.FixedFeedback)}
 
 
+def _to_device(images, labels, device, channels_last):
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if channels_last and images.dim() == 4:
+        images = images.to(memory_format=torch.channels_last)
+    return images, labels
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, channels_last, world_size) -> dict:
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if channels_last and images.dim() == 4:
-            images = images.to(memory_format=torch.channels_last)
+        images, labels = _to_device(images, labels, device, channels_last)
         with autocast():
             logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -202,9 +207,7 @@ def run(config: dict, rank: int | None = None, world_size: int | None = None, in
                    disable=not progress or rank != 0, leave=False)
         batch_in_epoch = skip
         for images, labels in bar:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if channels_last and images.dim() == 4:
-                images = images.to(memory_format=torch.channels_last)
+            images, labels = _to_device(images, labels, device, channels_last)
             with autocast():
                 logits = trained(images)
                 loss = nn.functional.cross_entropy(logits.float(), labels)
