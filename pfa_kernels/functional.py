@@ -57,6 +57,9 @@ def _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spa
     if out_channels % groups:
         raise ValueError(f"groups={groups} must divide the output channels of weight ({out_channels})")
     if parametrization == "direct":
+        if feedback.requires_grad:
+            raise ValueError("feedback_weight is a fixed W_fb and does not learn: pass it without requires_grad "
+                             "(e.g. feedback_weight.detach())")
         if tuple(feedback.shape) != tuple(weight.shape):
             raise ValueError(f"feedback_weight must have weight's shape {tuple(weight.shape)}; got "
                              f"{tuple(feedback.shape)}")

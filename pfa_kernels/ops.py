@@ -61,6 +61,7 @@ def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strateg
 
 
 def _check_direct(output_mask):
+    # functional checks this before the forward; the op checks it too for direct callers of the op.
     if output_mask[3]:
         raise ValueError("parametrization='direct' feedback (a fixed W_fb) does not learn: pass it without "
                          "requires_grad")
