@@ -41,7 +41,7 @@ test: setup lint
 	$(PY) -m pytest -q tests --durations=15
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_triton.py --durations=5
 
-# A quick CPU run of the headline tables (about 8 minutes on 2 cores, most of it the explicit r = 100 model,
+# A quick CPU run of the headline tables (about 10 minutes on 2 cores, most of it the explicit r = 100 model,
 # whose step is ~16x BP's): ResNet-18 training step vs BP for explicit and projected PFA at r = 1, 10, 100,
 # and every distinct ResNet-18 layer shape at r = 10. Results (JSON lines, markdown tables, plots) go to
 # benchmarks/results/. The full per-layer run: python benchmarks/bench_layers.py (see its --help).
