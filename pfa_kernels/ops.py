@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import planner
 from .backends import torch_ops
-from .backends import triton as _triton_backend  # noqa: F401  (registers the pfa_kernels::triton_* ops)
+from .backends import triton as _triton_backend  # noqa: F401  (registers pfa_kernels::triton_* where they run)
 
 _CONV_BY_SPATIAL_DIMS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 

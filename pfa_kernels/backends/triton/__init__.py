@@ -36,6 +36,11 @@ def unavailable_reason(device_type: str) -> str:
     return f"no Triton support for {device_type} tensors here"
 
 
-if importlib.util.find_spec("triton") is not None:
-    # Register the ops (pfa_kernels::triton_*) wherever Triton is installed; they run where is_available() says.
-    from . import grouped_matmul, sequence_backward  # noqa: E402, F401
+def register_ops() -> None:
+    """Define the pfa_kernels::triton_* ops. Deferred because torch.library.triton_op imports torch._inductor
+    (about 1.3 s of `import pfa_kernels` on this machine): done at import only where the kernels can run."""
+    from . import grouped_matmul, sequence_backward  # noqa: F401
+
+
+if importlib.util.find_spec("triton") is not None and (INTERPRETER or is_available("cuda")):
+    register_ops()
