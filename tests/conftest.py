@@ -22,10 +22,27 @@ LOW_PRECISION_FLOOR = {torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
 STRATEGIES = ("auto", "product", "sequence")
 
+# Devices the equivalence tests run on: "cuda" joins when a GPU is present (`make gpu-check` runs the tests
+# marked `cuda`). Tests that only make sense on a GPU take the `requires_cuda` mark.
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; none here (`make gpu-check` on a GPU)")
+requires_two_gpus = pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2,
+                                       reason="needs two CUDA devices")
+DEVICES = ("cpu", pytest.param("cuda", marks=(requires_cuda, pytest.mark.cuda)))
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_tf32():
+    """GPU float32 references must be IEEE float32: TF32 in cuBLAS/cuDNN would loosen every float32 bound."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
