@@ -6,7 +6,7 @@
     pk.metrics.report(model)
 """
 
-from . import baselines, dfa, functional, metrics, planner, reference
+from . import baselines, dfa, dispatch, functional, metrics, planner, reference
 from .convert import ConversionRecord, convert
 from .feedback import PFAFeedback
 from .model_feedback import feedback_weights
@@ -17,6 +17,7 @@ __all__ = [
     "ConversionRecord",
     "baselines",
     "dfa",
+    "dispatch",
     "PFAConv1d",
     "PFAConv2d",
     "PFAConv3d",

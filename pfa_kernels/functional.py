@@ -11,15 +11,15 @@ Every function takes the forward parameters (weight, bias) and the feedback tens
             Z (C_out, C_in, *kernel): W_fb = M·Z (DESIGN.md section 2.4)
 
 strategy: "auto" (cheapest order per call, see planner.py), "product", "sequence", or "reference"
-(the literal algorithm of reference.py, for checking; explicit R only). backend: "auto" or a named backend, which
-must be available (it is never swapped silently).
+(the literal algorithm of reference.py, for checking; explicit R only). backend: "auto" (measured and verified per
+shape, see dispatch.py) or a named backend, which must be available and is never swapped for another.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import ops, planner, reference
+from . import dispatch, ops, planner, reference
 from .reference import cast_for_autocast
 
 
@@ -111,9 +111,8 @@ def _linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
     _check_tensors(x, weight, bias, B, M, feedback, parametrization, 1, 0)
     if strategy == "reference":
         return reference.pfa_linear(x, weight, bias, B, feedback)
-    backend = planner.resolve_backend(backend, x.device.type)
     x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
-    planner.check_backend_dtype(backend, x.dtype)
+    backend = dispatch.check_backend(backend, x.device.type, x.dtype)
     return ops.linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
 
 
@@ -132,9 +131,8 @@ def _conv(spatial_dims, x, weight, bias, B, M, feedback, parametrization, stride
     if strategy == "reference":
         y = reference.pfa_conv(x, weight, bias, B, feedback, stride, padding, dilation, groups)
     else:
-        backend = planner.resolve_backend(backend, x.device.type)
         x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
-        planner.check_backend_dtype(backend, x.dtype)
+        backend = dispatch.check_backend(backend, x.device.type, x.dtype)
         y = ops.conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
                      backend)
     return y.squeeze(0) if unbatched else y

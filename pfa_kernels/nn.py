@@ -21,11 +21,13 @@ Feedback keyword arguments (keyword-only, shared by every layer and pk.convert):
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import functional, ops, planner
+from . import dispatch, functional, ops, planner
 from .baselines import FIXED_RULES, FixedFeedback
 from .feedback import PFAFeedback, check_feedback_options
 
@@ -76,22 +78,48 @@ class _PFAMixin:
                 f"strategy={self.strategy!r}, backend={self.backend!r}")
 
     def backward_plan(self, input_shape, need_input_grad: bool = True) -> planner.Plan:
-        """The planner's choice (orders, backend, multiply-adds of every candidate) for an input of this shape.
+        """The backward's plan (orders, backend, multiply-adds of every candidate) for an input of this shape.
 
-        With strategy "reference" (the literal algorithm, which takes no plan) this is the plan "auto" would take.
+        With backend="auto" it is the dispatcher's decision for the shape (dispatch.py): the measured choice with
+        the timings of every candidate once a backward of that shape has run, before that the static choice (the
+        PyTorch backend) with a reason saying so. With strategy "reference" (the literal algorithm, which takes no
+        plan) this is the plan "auto" would take.
         """
         with torch.device("meta"):
             x = torch.empty(input_shape)
             weight = torch.empty(self.weight.shape)
             output_shape = self._meta_forward(x, weight).shape
-        backend = planner.resolve_backend(self.backend, self.weight.device.type)
+        device, dtype = self.weight.device, self.weight.dtype
+        backend = dispatch.check_backend(self.backend, device.type, dtype)
         strategy = "auto" if self.strategy == "reference" else self.strategy
         groups = getattr(self, "groups", 1)
         feedback_parameter = self.feedback.parameter
         mask = [need_input_grad, self.weight.requires_grad, self.bias is not None,
                 feedback_parameter is not None and feedback_parameter.requires_grad]
-        return ops.plan_backward(output_shape, self.weight.shape, self.feedback.mid_channels, groups, strategy,
-                                 backend, mask, self.parametrization, self.feedback.M is not None)
+        B, M, feedback = self.feedback.op_arguments(self.weight)[:3]
+        plan_args = (output_shape, self.weight.shape, self.feedback.mid_channels, groups, strategy)
+        plan_kwargs = dict(output_mask=mask, parametrization=self.parametrization,
+                           keeps_projection_matrix=M is not None)
+        if backend != "auto":
+            return ops.plan_backward(*plan_args, backend, **plan_kwargs)
+        plan = ops.plan_backward(*plan_args, "torch", **plan_kwargs)
+        # The conv arguments exactly as forward passes them to the op (linear layers have none).
+        conv = ((list(self.stride), self._op_padding()[1], list(self.dilation), groups)
+                if hasattr(self, "stride") else ())
+        key = ops.dispatch_key(device, dtype, output_shape, self.weight.shape, None if B is None else B.shape,
+                               M is not None, feedback.shape, conv, self.parametrization, strategy, mask)
+        decision = dispatch.cached(key)
+        if decision is None:
+            why = ("PFA_KERNELS_DISPATCH=static: the PyTorch backend" if dispatch.mode() == "static" else
+                   "backend='auto', not measured yet for this shape: its first backward measures the candidates "
+                   "and returns the PyTorch result")
+            return dataclasses.replace(plan, reason=f"{plan.reason}; {why}")
+        chosen = ops.plan_backward(*plan_args, decision.plan.backend, **plan_kwargs,
+                                   orders=(decision.plan.input_order, decision.plan.feedback_grad_order))
+        timings = {"seconds": decision.times, "relative_error": decision.errors, "rejected": decision.rejected}
+        reason = (f"backend='auto', {decision.source} on {key.device}: fastest of {len(decision.times)} agreeing "
+                  f"candidates is {decision.choice}")
+        return dataclasses.replace(chosen, reason=f"{reason}; {chosen.reason}", timings=timings)
 
 
 def _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule="pfa"):
@@ -99,8 +127,8 @@ def _check_layer_options(feedback_init, feedback_density, parametrization, strat
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
     check_feedback_options(feedback_init, feedback_density, parametrization)
     functional.check_strategy_for(strategy, parametrization)
-    if backend not in planner.BACKENDS:
-        raise ValueError(f"backend must be one of {planner.BACKENDS}; got {backend!r}")
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS}; got {backend!r}")
 
 
 class PFALinear(_PFAMixin, nn.Linear):

@@ -29,7 +29,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from . import planner
+from . import dispatch, planner
 from .backends import torch_ops
 from .backends import triton as _triton_backend  # noqa: F401  (registers pfa_kernels::triton_* where they run)
 
@@ -37,8 +37,9 @@ _CONV_BY_SPATIAL_DIMS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strategy, backend, output_mask,
-                  parametrization="explicit", keeps_projection_matrix=True):
-    """The Plan (planner.Plan) a backward call with these shapes and this output_mask follows."""
+                  parametrization="explicit", keeps_projection_matrix=True, orders=None):
+    """The Plan (planner.Plan) a backward call with these shapes and this output_mask follows on `backend` (a
+    concrete one). orders: an (input_order, feedback_grad_order) pair to take instead of the planner's."""
     if parametrization == "direct":
         shape = planner.layer_shape(grad_output_shape, weight_shape, 0, groups)
         macs = planner.candidate_macs(shape, output_mask[0], output_mask[1], False)
@@ -50,6 +51,9 @@ def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strateg
                                 width if parametrization == "projected" else 0)
     need_input, need_weight, _, need_feedback = output_mask
     plan = planner.choose_orders(shape, strategy, need_input, need_weight, need_feedback, backend)
+    if orders is not None and tuple(orders) != (plan.input_order, plan.feedback_grad_order):
+        plan = dataclasses.replace(plan, input_order=orders[0], feedback_grad_order=orders[1],
+                                   reason=f"orders {orders} (a measured candidate)")
     if backend == "cpp" and parametrization != "explicit":
         plan = dataclasses.replace(plan, reason=plan.reason + f"; runs in PyTorch (the compiled ops cover the "
                                    f"explicit parametrization, not {parametrization!r})")
@@ -58,6 +62,38 @@ def plan_backward(grad_output_shape, weight_shape, mid_channels, groups, strateg
         plan = dataclasses.replace(plan, reason=plan.reason + "; its sequence-order dL/dx runs in PyTorch (the fused "
                                    "Triton kernel covers linear, 1-d and 2-d layers with groups = 1)")
     return plan
+
+
+def dispatch_key(device, dtype, grad_output_shape, weight_shape, B_shape, M_present, feedback_shape, conv,
+                 parametrization, strategy, output_mask) -> dispatch.Key:
+    """The dispatch cache key of a backward call (dispatch.Key): device, dtype, geometry, P bucketed."""
+    spatial = len(weight_shape) - 2
+    op = "linear" if spatial == 0 else f"conv{spatial}d"
+    positions = planner.layer_shape(grad_output_shape, weight_shape, 0, 1).positions
+    projection = ("M" if M_present else "B") if parametrization == "projected" else ""
+    return dispatch.make_key(device, dtype, op, weight_shape, 0 if B_shape is None else B_shape[1], feedback_shape,
+                             projection, conv, parametrization, strategy, output_mask, positions)
+
+
+def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrization, strategy, backend, output_mask,
+                execute):
+    """Run execute(plan) with the plan of a named backend, or, for backend="auto", the dispatcher's choice."""
+    mid_channels = 0 if B is None else B.shape[1]
+    plan_args = (grad_output.shape, weight.shape, mid_channels, groups, strategy)
+    plan_kwargs = dict(output_mask=output_mask, parametrization=parametrization, keeps_projection_matrix=M is not None)
+    if backend != "auto":
+        return execute(plan_backward(*plan_args, backend, **plan_kwargs))
+    reference = plan_backward(*plan_args, "torch", **plan_kwargs)
+    key = dispatch_key(grad_output.device, grad_output.dtype, grad_output.shape, weight.shape,
+                       None if B is None else B.shape, M is not None, feedback.shape, conv, parametrization, strategy,
+                       output_mask)
+    if dispatch.cached(key) is None and dispatch.mode() == "measure":
+        backends = dispatch.candidate_backends(grad_output.device.type, grad_output.dtype, parametrization)
+        candidates = [plan_backward(*plan_args, name, **plan_kwargs, orders=pair)
+                      for name in backends for pair in dispatch.order_pairs(reference, strategy)]
+    else:
+        candidates = []
+    return dispatch.run(key, grad_output.device, reference, candidates, execute)
 
 
 def _check_direct(output_mask):
@@ -131,21 +167,24 @@ def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Te
                     M: torch.Tensor | None, feedback: torch.Tensor, parametrization: str, strategy: str, backend: str,
                     output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PFA linear backward: (dL/dx, dL/dW, dL/db, dL/dfeedback); grad_output (..., C_out), others as in `linear`."""
-    plan = plan_backward(grad_output.shape, weight.shape, 0 if B is None else B.shape[1], 1, strategy, backend,
-                         output_mask, parametrization, M is not None)
-    pieces = _pieces(plan, weight, 1, parametrization, M)
-    if parametrization == "direct":
-        _check_direct(output_mask)
-        grads = torch_ops.direct_linear_backward(grad_output, x, weight, feedback, *output_mask[:3])
-    elif plan.backend == "cpp" and parametrization == "explicit":
-        grads = torch.ops.pfa_kernels.cpp_linear_backward(grad_output, x, weight, B, feedback, plan.input_order or "",
-                                                          plan.feedback_grad_order or "", output_mask)
-    elif parametrization == "projected":
-        grads = torch_ops.projected_linear_backward(grad_output, x, weight, B, M, feedback, plan, *output_mask,
-                                                    pieces=pieces)
-    else:
-        grads = torch_ops.linear_backward(grad_output, x, weight, B, feedback, plan, *output_mask, pieces=pieces)
-    return _package_grads(grads, x, weight, feedback, output_mask)
+    def execute(plan):
+        pieces = _pieces(plan, weight, 1, parametrization, M)
+        if parametrization == "direct":
+            _check_direct(output_mask)
+            grads = torch_ops.direct_linear_backward(grad_output, x, weight, feedback, *output_mask[:3])
+        elif plan.backend == "cpp" and parametrization == "explicit":
+            grads = torch.ops.pfa_kernels.cpp_linear_backward(grad_output, x, weight, B, feedback,
+                                                              plan.input_order or "", plan.feedback_grad_order or "",
+                                                              output_mask)
+        elif parametrization == "projected":
+            grads = torch_ops.projected_linear_backward(grad_output, x, weight, B, M, feedback, plan, *output_mask,
+                                                        pieces=pieces)
+        else:
+            grads = torch_ops.linear_backward(grad_output, x, weight, B, feedback, plan, *output_mask, pieces=pieces)
+        return _package_grads(grads, x, weight, feedback, output_mask)
+
+    return _dispatched(grad_output, weight, B, M, feedback, (), 1, parametrization, strategy, backend, output_mask,
+                       execute)
 
 
 @linear_backward.register_fake
@@ -198,23 +237,26 @@ def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                   dilation: list[int], groups: int, parametrization: str, strategy: str, backend: str,
                   output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PFA convolution backward: (dL/dx, dL/dW, dL/db, dL/dfeedback); grad_output (N, C_out, *out_spatial)."""
-    plan = plan_backward(grad_output.shape, weight.shape, 0 if B is None else B.shape[1], groups, strategy, backend,
-                         output_mask, parametrization, M is not None)
-    conv_args = (stride, padding, dilation, groups, plan, *output_mask)
-    pieces = _pieces(plan, weight, groups, parametrization, M)
-    if parametrization == "direct":
-        _check_direct(output_mask)
-        grads = torch_ops.direct_conv_backward(grad_output, x, weight, feedback, stride, padding, dilation, groups,
-                                               *output_mask[:3])
-    elif plan.backend == "cpp" and parametrization == "explicit":
-        grads = torch.ops.pfa_kernels.cpp_conv_backward(grad_output, x, weight, B, feedback, stride, padding, dilation,
-                                                        groups, plan.input_order or "", plan.feedback_grad_order or "",
-                                                        output_mask)
-    elif parametrization == "projected":
-        grads = torch_ops.projected_conv_backward(grad_output, x, weight, B, M, feedback, *conv_args, pieces=pieces)
-    else:
-        grads = torch_ops.conv_backward(grad_output, x, weight, B, feedback, *conv_args, pieces=pieces)
-    return _package_grads(grads, x, weight, feedback, output_mask)
+    def execute(plan):
+        conv_args = (stride, padding, dilation, groups, plan, *output_mask)
+        pieces = _pieces(plan, weight, groups, parametrization, M)
+        if parametrization == "direct":
+            _check_direct(output_mask)
+            grads = torch_ops.direct_conv_backward(grad_output, x, weight, feedback, stride, padding, dilation, groups,
+                                                   *output_mask[:3])
+        elif plan.backend == "cpp" and parametrization == "explicit":
+            grads = torch.ops.pfa_kernels.cpp_conv_backward(grad_output, x, weight, B, feedback, stride, padding,
+                                                            dilation, groups, plan.input_order or "",
+                                                            plan.feedback_grad_order or "", output_mask)
+        elif parametrization == "projected":
+            grads = torch_ops.projected_conv_backward(grad_output, x, weight, B, M, feedback, *conv_args,
+                                                      pieces=pieces)
+        else:
+            grads = torch_ops.conv_backward(grad_output, x, weight, B, feedback, *conv_args, pieces=pieces)
+        return _package_grads(grads, x, weight, feedback, output_mask)
+
+    return _dispatched(grad_output, weight, B, M, feedback, (stride, padding, dilation, groups), groups,
+                       parametrization, strategy, backend, output_mask, execute)
 
 
 @conv_backward.register_fake

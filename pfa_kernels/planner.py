@@ -49,6 +49,8 @@ class Plan:
     needed); a projected layer's feedback_grad_order is "correlation" (dL/dZ, see above).
     macs: multiply-adds of each candidate (input_order, feedback_grad_order) pair, and of
     backpropagation's own backward ("bp").
+    timings: for backend="auto", the measured seconds of every candidate that agreed ("backend:orders"), and the
+    errors and rejections beside them (dispatch.py); empty before the first backward of the shape.
     """
 
     input_order: str | None
@@ -56,6 +58,7 @@ class Plan:
     backend: str
     macs: dict = field(compare=False)
     reason: str = field(compare=False, default="")
+    timings: dict = field(compare=False, default_factory=dict)
 
 
 @dataclass(frozen=True)
