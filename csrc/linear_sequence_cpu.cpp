@@ -68,11 +68,9 @@ void linear_sequence_kernel(const scalar_t* g, const scalar_t* B, const scalar_t
 }  // namespace
 
 at::Tensor linear_sequence_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
-  TORCH_CHECK(grad_output.dim() == 2 && B.dim() == 2 && R.dim() == 2, "grad_output, B and R must be matrices");
-  TORCH_CHECK(grad_output.size(1) == B.size(0) && B.size(1) == R.size(0), "shapes do not chain: grad_output ",
-              grad_output.sizes(), ", B ", B.sizes(), ", R ", R.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == B.scalar_type() && B.scalar_type() == R.scalar_type(),
-              "grad_output, B and R must share a dtype");
+  check_linear_sequence_args(grad_output, B, R);
+  // The kernel divides by its row and column block counts: P = 0 or C_in = 0 must not reach it.
+  if (has_empty_operand(grad_output, B, R)) return at::zeros({grad_output.size(0), R.size(1)}, grad_output.options());
   auto g = grad_output.contiguous(), b = B.contiguous(), r = R.contiguous();
   auto dx = at::empty({g.size(0), r.size(1)}, g.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "linear_sequence_input_grad_cpu", [&] {

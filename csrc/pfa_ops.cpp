@@ -4,13 +4,21 @@
 
 #include "pfa_ops.h"
 
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 namespace pfa_kernels {
 
 at::Tensor feedback_product(const at::Tensor& B, const at::Tensor& R, int64_t groups) {
+  TORCH_CHECK(groups >= 1 && B.size(1) % groups == 0, "groups=", groups, " must divide C_mid=", B.size(1));
   const int64_t out_channels = B.size(0), mid_channels = B.size(1), mid_per_group = mid_channels / groups;
-  TORCH_CHECK(mid_channels % groups == 0, "groups=", groups, " must divide C_mid=", mid_channels);
+  if (B.numel() == 0 || R.numel() == 0) {
+    // A sum over no mid channels is zero, and no output or input channel leaves W_fb empty; the reshapes
+    // below cannot infer their -1 from zero elements.
+    std::vector<int64_t> shape{out_channels, groups * R.size(1)};
+    for (int64_t d = 2; d < R.dim(); ++d) shape.push_back(R.size(d));
+    return at::zeros(shape, B.options());
+  }
   auto B_by_group = B.reshape({out_channels, groups, mid_per_group}).transpose(0, 1);  // (G, C_out, C_mid/G)
   auto R_by_group = R.reshape({groups, mid_per_group, -1});                             // (G, C_mid/G, K)
   auto dense = at::bmm(B_by_group, R_by_group);                                         // (G, C_out, K)
@@ -20,6 +28,18 @@ at::Tensor feedback_product(const at::Tensor& B, const at::Tensor& R, int64_t gr
   shape = {out_channels, groups * R.size(1)};
   for (int64_t d = 2; d < R.dim(); ++d) shape.push_back(R.size(d));
   return dense.reshape(shape);
+}
+
+void check_linear_sequence_args(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
+  TORCH_CHECK(grad_output.dim() == 2 && B.dim() == 2 && R.dim() == 2, "grad_output, B and R must be matrices");
+  TORCH_CHECK(grad_output.size(1) == B.size(0) && B.size(1) == R.size(0), "shapes do not chain: grad_output ",
+              grad_output.sizes(), ", B ", B.sizes(), ", R ", R.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == B.scalar_type() && B.scalar_type() == R.scalar_type(),
+              "grad_output, B and R must share a dtype");
+}
+
+bool has_empty_operand(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
+  return grad_output.numel() == 0 || B.numel() == 0 || R.numel() == 0;
 }
 
 namespace {
@@ -49,6 +69,30 @@ at::Tensor or_empty(const at::Tensor& value, bool wanted, const at::Tensor& like
   return wanted ? value.contiguous() : at::empty({0}, like.options());
 }
 
+// The gradients when grad_output or x has no elements (N = 0, C_in = 0 or C_out = 0), with no kernel launched:
+// dL/dx = g·W_fb and dL/dW, dL/dR (correlations of g with x) are sums of products with g or x, so zero (or
+// empty); dL/db sums g over every dim but 1: zero when g is empty, nonzero when only x is (C_in = 0). nn's
+// backward gives the same, except that ATen's convolution with C_in = 0 returns no output channels, so there g,
+// and with it dL/db, is empty: dL/db is then zero, as nn's is.
+Grads zero_size_grads(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& R,
+                      std::array<bool, 4> output_mask) {
+  auto zeros_or_empty = [](const at::Tensor& like, bool wanted) {
+    return wanted ? at::zeros(like.sizes(), like.options()) : at::empty({0}, like.options());
+  };
+  at::Tensor grad_b = at::empty({0}, weight.options());
+  if (output_mask[2]) {
+    if (grad_output.numel() == 0 || grad_output.size(1) != weight.size(0)) {
+      grad_b = at::zeros({weight.size(0)}, weight.options());
+    } else {
+      std::vector<int64_t> dims{0};
+      for (int64_t d = 2; d < grad_output.dim(); ++d) dims.push_back(d);
+      grad_b = grad_output.sum(dims);
+    }
+  }
+  return {zeros_or_empty(x, output_mask[0]), zeros_or_empty(weight, output_mask[1]), grad_b,
+          zeros_or_empty(R, output_mask[3])};
+}
+
 at::Tensor linear_sequence_input_grad(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
   return grad_output.is_cuda() ? linear_sequence_input_grad_cuda(grad_output, B, R)
                                : linear_sequence_input_grad_cpu(grad_output, B, R);
@@ -60,9 +104,14 @@ Grads linear_backward(const at::Tensor& grad_output, const at::Tensor& x, const 
                       const at::Tensor& B, const at::Tensor& R, const std::string& input_order,
                       const std::string& feedback_order, std::array<bool, 4> output_mask) {
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2], need_r = output_mask[3];
-  auto x_rows = x.reshape({-1, x.size(-1)});
-  auto g_rows = grad_output.reshape({-1, grad_output.size(-1)});
+  // Rows counted, not inferred: reshape(-1, 0) of an empty x (C_in = 0) is ambiguous.
+  const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  auto x_rows = x.reshape({rows, x.size(-1)});
+  auto g_rows = grad_output.reshape({rows, grad_output.size(-1)});
   at::Tensor grad_x, grad_w, grad_b, grad_r;
+  if (g_rows.numel() == 0 || x_rows.numel() == 0) {
+    return zero_size_grads(g_rows, x, weight, R, output_mask);
+  }
   if (need_w || (need_r && feedback_order == "product")) grad_w = at::mm(g_rows.t(), x_rows);
   if (need_b) grad_b = g_rows.sum(0);
   if (need_x) {
@@ -82,6 +131,9 @@ Grads conv_backward(const at::Tensor& grad_output, const at::Tensor& x, const at
                     at::IntArrayRef dilation, int64_t groups, const std::string& input_order,
                     const std::string& feedback_order, std::array<bool, 4> output_mask) {
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2], need_r = output_mask[3];
+  if (grad_output.numel() == 0 || x.numel() == 0) {
+    return zero_size_grads(grad_output, x, weight, R, output_mask);
+  }
   const int64_t spatial = x.dim() - 2;
   std::vector<int64_t> output_padding(spatial, 0);
   std::vector<int64_t> bias_sizes{weight.size(0)};

@@ -28,7 +28,11 @@ Grads conv_backward(const at::Tensor& grad_output, const at::Tensor& x, const at
                     const std::string& feedback_order, std::array<bool, 4> output_mask);
 
 // Fused sequence-order input gradient of a linear layer, dL/dx = (g·B)·R, g·B never written to memory.
-// grad_output (P, C_out), B (C_out, C_mid), R (C_mid, C_in) -> (P, C_in). Device-specific kernels.
+// grad_output (P, C_out), B (C_out, C_mid), R (C_mid, C_in) -> (P, C_in). Device-specific kernels; both start
+// with check_linear_sequence_args and return at::zeros({P, C_in}) without a launch when any operand is empty
+// (P, C_out, C_mid or C_in = 0: the result is empty or an empty sum).
+void check_linear_sequence_args(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R);
+bool has_empty_operand(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R);
 at::Tensor linear_sequence_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R);
 at::Tensor linear_sequence_input_grad_cuda(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R);
 

@@ -81,11 +81,10 @@ __global__ void linear_sequence_bwd_kernel(const scalar_t* __restrict__ g, const
 }  // namespace
 
 at::Tensor linear_sequence_input_grad_cuda(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
-  TORCH_CHECK(grad_output.dim() == 2 && B.dim() == 2 && R.dim() == 2, "grad_output, B and R must be matrices");
-  TORCH_CHECK(grad_output.size(1) == B.size(0) && B.size(1) == R.size(0), "shapes do not chain");
-  TORCH_CHECK(grad_output.scalar_type() == B.scalar_type() && B.scalar_type() == R.scalar_type(),
-              "grad_output, B and R must share a dtype");
+  check_linear_sequence_args(grad_output, B, R);
   const c10::cuda::CUDAGuard guard(grad_output.device());
+  // A grid with a zero dimension does not launch ("invalid configuration argument"): P = 0 or C_mid = 0.
+  if (has_empty_operand(grad_output, B, R)) return at::zeros({grad_output.size(0), R.size(1)}, grad_output.options());
   auto g = grad_output.contiguous(), b = B.contiguous(), r = R.contiguous();
   const int64_t P = g.size(0), C_out = g.size(1), C_mid = b.size(1), C_in = r.size(1);
   const bool is_double = g.scalar_type() == at::kDouble;
