@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 EXTENSION_STAMP := $(VENV)/.pfa_kernels-extension-built
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
@@ -50,6 +50,12 @@ bench: setup
 		--impls projected,explicit --repeats 3
 	$(PY) benchmarks/bench_layers.py --models resnet18 --batch 16 --expand-ratio 10 \
 		--impls bp,explicit-auto,projected-auto --rounds 3
+
+# The first thing to run on a GPU: the CUDA subset of the tests (pytest -m cuda), then per kernel x dtype x ResNet-50/ViT
+# shape the error against the literal algorithm, the time against PyTorch and backend="auto"'s choice, written to
+# benchmarks/results/check_<device>.{jsonl,md}. Without a GPU it says so and reports the CPU kernels (about 2 minutes).
+gpu-check: setup
+	$(PY) -m pfa_kernels.check
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output pfa_kernels/_C*.so
