@@ -8,7 +8,7 @@ accuracy, final path alignment and norm ratio, seconds per epoch) and writes a P
 accuracy and path alignment per epoch, plus the numbers as JSON.
 
 The PFA rules use the projected parametrization, the recommended one for SGD training: it is the same
-learning rule as an explicit R (exactly, for SGD; DESIGN.md section 2.4) at backpropagation's cost.
+learning rule as an explicit R (exactly, for SGD; docs/design.md section 2.4) at backpropagation's cost.
 """
 
 from __future__ import annotations

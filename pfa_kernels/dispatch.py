@@ -1,5 +1,5 @@
 """Which backend and order runs a PFA backward: availability, the measured and verified choice of "auto", the
-decision cache (table / save / load) and the static rule (docs/design.md, "Dispatch").
+decision cache (table / save / load) and the static rule (docs/design.md §5).
 
 A kernel that has never run on a user's device is not trusted by default, and a fused hand-written kernel is not
 faster than cuBLAS/cuDNN because it is fused. backend="auto" therefore works like cudnn.benchmark:

@@ -8,7 +8,7 @@ Every function takes the forward parameters (weight, bias) and the feedback tens
     B       (C_out, C_mid), fixed; C_mid divisible by groups
     R       (C_mid, C_in/groups, *kernel)                    pfa_linear, pfa_conv1d/2d/3d
     M, Z    M (groups, C_out, C_out) = B_j B_j^T or None,    pfa_linear_projected, pfa_conv*d_projected
-            Z (C_out, C_in, *kernel): W_fb = M·Z (DESIGN.md section 2.4)
+            Z (C_out, C_in, *kernel): W_fb = M·Z (docs/design.md section 2.4)
 
 strategy: "auto" (cheapest order per call, see planner.py), "product", "sequence", or "reference"
 (the literal algorithm of reference.py, for checking; explicit R only). backend: "auto" (measured and verified per

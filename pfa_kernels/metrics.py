@@ -1,4 +1,4 @@
-"""Alignment metrics of PFA layers (DESIGN.md section 1).
+"""Alignment metrics of PFA layers (docs/design.md section 1).
 
 - path_alignment(layer): angle in degrees between flatten(W) and flatten(W_fb = B·R); for grouped
   convs W is embedded block-diagonally in W_fb's dense shape. Theory for R = B^T W and random B:

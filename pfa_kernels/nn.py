@@ -10,7 +10,7 @@ Feedback keyword arguments (keyword-only, shared by every layer and pk.convert):
                       "identity" (Kolen-Pollack; needs C_mid == C_out)
     feedback_density  in (0, 1], or a pair (B density, R density): fixed Bernoulli masks on B and R
     parametrization   "explicit" (R held as a Parameter) or "projected" (Z, W's shape, with W_fb = M·Z:
-                      exact for SGD-family optimizers at BP's cost, DESIGN.md section 2.4; see
+                      exact for SGD-family optimizers at BP's cost, docs/design.md section 2.4; see
                       pk.reparametrize and pk.check_optimizer)
     strategy          "auto" | "product" | "sequence" | "reference" (the literal algorithm)
     backend           "auto" | "torch" | "triton" | "cpp" (a named backend must be available)

@@ -12,7 +12,7 @@ Four ops in the `pfa_kernels` namespace:
 
 parametrization "explicit": feedback is R (C_mid, C_in/groups, *kernel) and M is None.
 parametrization "projected": feedback is Z (C_out, C_in, *kernel), M = B_j B_j^T per group
-(G, C_out, C_out), or None to apply it through B (DESIGN.md section 2.4).
+(G, C_out, C_out), or None to apply it through B (docs/design.md section 2.4).
 parametrization "direct": feedback is W_fb itself (W's shape), B and M are None, and nothing learns: the
 fixed-feedback rules of baselines.py (backpropagation's backward with W_fb in dL/dx).
 

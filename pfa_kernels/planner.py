@@ -1,6 +1,6 @@
 """Cost model for the PFA backward: which order computes dL/dx and dL/dR, and on which backend.
 
-Both orders are exact (DESIGN.md section 2); they differ in multiply-adds (MACs). With
+Both orders are exact (docs/design.md section 2); they differ in multiply-adds (MACs). With
 P = N * prod(out_spatial) output positions, K = (C_in / groups) * prod(kernel) inputs per output
 and G = groups:
 
@@ -15,7 +15,7 @@ and G = groups:
 
 The mid error is paid once if either gradient takes the sequence order.
 
-Projected layers (DESIGN.md section 2.4) hold Z (W's shape, dense over groups) and M_j = B_j B_j^T per
+Projected layers (docs/design.md section 2.4) hold Z (W's shape, dense over groups) and M_j = B_j B_j^T per
 group j. Their feedback weight is W_fb_j = M_j Z_j; with w the inner width of that product (C_out
 when M is kept, 2 * C_mid/G when it is applied as B_j (B_j^T ·), see feedback.py):
 

@@ -1,7 +1,7 @@
 """The literal Product Feedback Alignment algorithm: the ground truth every test compares against.
 
 Written for clarity, never for speed. It follows the authors' released code step by step
-(DESIGN.md section 1), including what the fast paths remove:
+(docs/design.md section 1), including what the fast paths remove:
 
 - the forward pass also runs the input through the feedback population, mid = conv(x, R), as the
   authors' code does only to learn the shape of the mid error; the result is kept until backward;

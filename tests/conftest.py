@@ -104,7 +104,7 @@ def explicit_twin(layer):
 
 
 def projected_to_R_grad(layer, grad_Z):
-    """What dL/dZ of a projected layer means for R: dL/dR = B^T dL/dZ per group (DESIGN.md section 2.4)."""
+    """What dL/dZ of a projected layer means for R: dL/dR = B^T dL/dZ per group (docs/design.md section 2.4)."""
     return torch_ops.feedback_grad_from_correlation(layer.feedback.B, grad_Z, layer.feedback.groups)
 
 

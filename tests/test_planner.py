@@ -62,7 +62,7 @@ def test_backend_resolution():
 
 
 def test_projected_costs_do_not_grow_with_expand_ratio():
-    """Projected layers (DESIGN §2.4): no term scales with C_mid; sequence order pays M per position."""
+    """Projected layers (docs/design.md §2.4): no term scales with C_mid; sequence order pays M per position."""
     P, C_out, K = 784, 512, 4608
     for C_mid in (5120, 51200):
         shape = planner.LayerShape(P, C_out, C_mid, K, 1, "projected", C_out)

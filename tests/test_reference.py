@@ -1,4 +1,4 @@
-"""The literal algorithm itself, checked against the formulas of DESIGN.md section 1 written by hand."""
+"""The literal algorithm itself, checked against the formulas of docs/design.md section 1 written by hand."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_conv_reference_follows_the_formulas_with_groups():
 
 
 def test_grouped_feedback_weight_is_dense_and_gives_the_input_gradient():
-    """DESIGN §2.3: the product order with a dense W_fb equals the literal grouped sequence."""
+    """docs/design.md §2.3: the product order with a dense W_fb equals the literal grouped sequence."""
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     B = torch.randn(4, 9, dtype=torch.float64)
     R = torch.randn(9, 2, 3, 3, dtype=torch.float64)

@@ -1,7 +1,7 @@
 """The PFA backward in pure PyTorch: runs on any device, and is the baseline the other backends beat.
 
 No forward pass through R is ever run: the mid error's shape follows from the output's. Both
-orders of DESIGN.md section 2.2 are here; the planner (planner.py) says which one a call takes.
+orders of docs/design.md section 2.2 are here; the planner (planner.py) says which one a call takes.
 
 Shapes (groups G; a linear layer has no kernel or spatial dims and any leading dims in x):
 
@@ -20,7 +20,7 @@ from ..planner import Plan
 
 
 def feedback_product(B: torch.Tensor, R: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """W_fb = B·R contracted over C_mid: (C_out, C_in, *kernel), dense over groups (DESIGN §2.3).
+    """W_fb = B·R contracted over C_mid: (C_out, C_in, *kernel), dense over groups (docs/design.md §2.3).
 
     B (C_out, C_mid), R (C_mid, C_in/groups, *kernel). For groups = 1 this is one GEMM of
     C_out x C_mid x |R|/C_mid; for groups > 1, one batched GEMM per group.
@@ -36,7 +36,7 @@ def feedback_product(B: torch.Tensor, R: torch.Tensor, groups: int = 1) -> torch
 
 
 def feedback_grad_from_correlation(B: torch.Tensor, correlation: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """dL/dR = B^T contracted with the dense output/input correlation (DESIGN §2.3).
+    """dL/dR = B^T contracted with the dense output/input correlation (docs/design.md §2.3).
 
     B (C_out, C_mid); correlation (C_out, C_in, *kernel) = conv_weight(x, g) with groups = 1, which
     for groups = 1 is dL/dW itself. Returns (C_mid, C_in/groups, *kernel).
@@ -176,7 +176,7 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
     return (grad_x if need_input else None), (grad_weight if need_weight else None), grad_bias, grad_R
 
 
-# ----------------------------------------------------------------------------- projected (DESIGN §2.4)
+# ----------------------------------------------------------------------------- projected (docs/design.md §2.4)
 #
 # A projected layer holds Z (C_out, C_in, *kernel), dense over groups, and, per group j, the fixed
 # M_j = B_j B_j^T (G, C_out, C_out), where B_j (C_out, C_mid/G) are B's columns of group j. M is None
