@@ -9,7 +9,15 @@
 
 namespace pfa_kernels {
 
+void check_device(const char* op, const char* name, const at::Tensor& tensor, const char* anchor_name,
+                  const at::Tensor& anchor) {
+  TORCH_CHECK(tensor.device() == anchor.device(), "pfa_kernels::", op, ": ", name, " is on ", tensor.device(),
+              " but ", anchor_name, " is on ", anchor.device(), "; every tensor argument must be on ", anchor_name,
+              "'s device");
+}
+
 at::Tensor feedback_product(const at::Tensor& B, const at::Tensor& R, int64_t groups) {
+  check_device("cpp_feedback_product", "R", R, "B", B);
   TORCH_CHECK(groups >= 1 && B.size(1) % groups == 0, "groups=", groups, " must divide C_mid=", B.size(1));
   const int64_t out_channels = B.size(0), mid_channels = B.size(1), mid_per_group = mid_channels / groups;
   if (B.numel() == 0 || R.numel() == 0) {
@@ -31,6 +39,8 @@ at::Tensor feedback_product(const at::Tensor& B, const at::Tensor& R, int64_t gr
 }
 
 void check_linear_sequence_args(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
+  check_device("cpp_linear_sequence_input_grad", "B", B, "grad_output", grad_output);
+  check_device("cpp_linear_sequence_input_grad", "R", R, "grad_output", grad_output);
   TORCH_CHECK(grad_output.dim() == 2 && B.dim() == 2 && R.dim() == 2, "grad_output, B and R must be matrices");
   TORCH_CHECK(grad_output.size(1) == B.size(0) && B.size(1) == R.size(0), "shapes do not chain: grad_output ",
               grad_output.sizes(), ", B ", B.sizes(), ", R ", R.sizes());
@@ -63,6 +73,14 @@ at::Tensor weight_grad_from_correlation(const at::Tensor& correlation, int64_t g
   std::vector<int64_t> shape{out_channels, in_channels / groups};
   for (int64_t d = 2; d < correlation.dim(); ++d) shape.push_back(correlation.size(d));
   return diagonal.permute({3, 0, 1, 2}).reshape(shape);
+}
+
+void check_backward_devices(const char* op, const at::Tensor& grad_output, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& B, const at::Tensor& R) {
+  check_device(op, "x", x, "grad_output", grad_output);
+  check_device(op, "weight", weight, "grad_output", grad_output);
+  check_device(op, "B", B, "grad_output", grad_output);
+  check_device(op, "R", R, "grad_output", grad_output);
 }
 
 at::Tensor or_empty(const at::Tensor& value, bool wanted, const at::Tensor& like) {
@@ -103,6 +121,7 @@ at::Tensor linear_sequence_input_grad(const at::Tensor& grad_output, const at::T
 Grads linear_backward(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
                       const at::Tensor& B, const at::Tensor& R, const std::string& input_order,
                       const std::string& feedback_order, std::array<bool, 4> output_mask) {
+  check_backward_devices("cpp_linear_backward", grad_output, x, weight, B, R);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2], need_r = output_mask[3];
   // Rows counted, not inferred: reshape(-1, 0) of an empty x (C_in = 0) is ambiguous.
   const int64_t rows = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
@@ -130,6 +149,7 @@ Grads conv_backward(const at::Tensor& grad_output, const at::Tensor& x, const at
                     const at::Tensor& B, const at::Tensor& R, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, int64_t groups, const std::string& input_order,
                     const std::string& feedback_order, std::array<bool, 4> output_mask) {
+  check_backward_devices("cpp_conv_backward", grad_output, x, weight, B, R);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2], need_r = output_mask[3];
   if (grad_output.numel() == 0 || x.numel() == 0) {
     return zero_size_grads(grad_output, x, weight, R, output_mask);

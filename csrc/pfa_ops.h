@@ -12,6 +12,12 @@ namespace pfa_kernels {
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// Raises unless `tensor` is on `anchor`'s device (grad_output's; B's for cpp_feedback_product), naming both. The
+// dispatcher runs one device's kernel for every argument: a stray tensor would otherwise fail deep in ATen with
+// a message naming none of the op's arguments, or (a meta tensor among CPU ones) go through unnoticed.
+void check_device(const char* op, const char* name, const at::Tensor& tensor, const char* anchor_name,
+                  const at::Tensor& anchor);
+
 // W_fb = B·R contracted over C_mid, dense over groups: (C_out, C_in, *kernel). B (C_out, C_mid),
 // R (C_mid, C_in/groups, *kernel).
 at::Tensor feedback_product(const at::Tensor& B, const at::Tensor& R, int64_t groups);

@@ -117,11 +117,43 @@ at::Tensor linear_sequence_input_grad_cuda(const at::Tensor& grad_output, const 
   return dx.to(g.scalar_type());
 }
 
+namespace {
+
+// The CUDA kernels of the ATen-composite ops run with the current device set to their tensors' (grad_output's; B's
+// for the feedback product), as ATen's native CUDA ops do: a layer on cuda:1 then never touches the current
+// device, whatever it is. The ops' own device checks raise first when a tensor is elsewhere (a CPU grad_output
+// with CUDA weights reaches the CUDA kernel too), so the guard is set only for a CUDA anchor.
+std::optional<c10::Device> cuda_device_of(const at::Tensor& anchor) {
+  return anchor.is_cuda() ? std::optional<c10::Device>(anchor.device()) : std::nullopt;
+}
+
+at::Tensor feedback_product_cuda(const at::Tensor& B, const at::Tensor& R, int64_t groups) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(B));
+  return feedback_product(B, R, groups);
+}
+
+Grads linear_backward_cuda(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
+                           const at::Tensor& B, const at::Tensor& R, const std::string& input_order,
+                           const std::string& feedback_order, std::array<bool, 4> output_mask) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(grad_output));
+  return linear_backward(grad_output, x, weight, B, R, input_order, feedback_order, output_mask);
+}
+
+Grads conv_backward_cuda(const at::Tensor& grad_output, const at::Tensor& x, const at::Tensor& weight,
+                         const at::Tensor& B, const at::Tensor& R, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups, const std::string& input_order,
+                         const std::string& feedback_order, std::array<bool, 4> output_mask) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(grad_output));
+  return conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, groups, input_order, feedback_order,
+                       output_mask);
+}
+
+}  // namespace
 }  // namespace pfa_kernels
 
 TORCH_LIBRARY_IMPL(pfa_kernels, CUDA, m) {
-  m.impl("cpp_feedback_product", &pfa_kernels::feedback_product);
-  m.impl("cpp_linear_backward", &pfa_kernels::linear_backward);
-  m.impl("cpp_conv_backward", &pfa_kernels::conv_backward);
+  m.impl("cpp_feedback_product", &pfa_kernels::feedback_product_cuda);
+  m.impl("cpp_linear_backward", &pfa_kernels::linear_backward_cuda);
+  m.impl("cpp_conv_backward", &pfa_kernels::conv_backward_cuda);
   m.impl("cpp_linear_sequence_input_grad", &pfa_kernels::linear_sequence_input_grad_cuda);
 }

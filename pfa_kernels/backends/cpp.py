@@ -51,6 +51,15 @@ def unavailable_reason(device_type: str) -> str:
     return f"the compiled extension has no kernels for {device_type} tensors (built without CUDA?)"
 
 
+def check_devices(op: str, anchor_name: str, anchor: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Raise as the C++ ops do unless every tensor is on anchor's device. The fake kernels check too: a meta tensor
+    among CPU ones dispatches to them (Meta outranks CPU), and under torch.compile they see every call first."""
+    for name, tensor in tensors.items():
+        if tensor.device != anchor.device:
+            raise RuntimeError(f"pfa_kernels::{op}: {name} is on {tensor.device} but {anchor_name} is on "
+                               f"{anchor.device}; every tensor argument must be on {anchor_name}'s device")
+
+
 if LOAD_ERROR is None:
 
     def _grads_like(x, weight, R, output_mask):
@@ -61,17 +70,21 @@ if LOAD_ERROR is None:
 
     @torch.library.register_fake("pfa_kernels::cpp_feedback_product")
     def _feedback_product_fake(B, R, groups):
+        check_devices("cpp_feedback_product", "B", B, R=R)
         return B.new_empty(B.shape[0], R.shape[1] * groups, *R.shape[2:])
 
     @torch.library.register_fake("pfa_kernels::cpp_linear_backward")
     def _linear_backward_fake(grad_output, x, weight, B, R, input_order, feedback_order, output_mask):
+        check_devices("cpp_linear_backward", "grad_output", grad_output, x=x, weight=weight, B=B, R=R)
         return _grads_like(x, weight, R, output_mask)
 
     @torch.library.register_fake("pfa_kernels::cpp_conv_backward")
     def _conv_backward_fake(grad_output, x, weight, B, R, stride, padding, dilation, groups, input_order,
                             feedback_order, output_mask):
+        check_devices("cpp_conv_backward", "grad_output", grad_output, x=x, weight=weight, B=B, R=R)
         return _grads_like(x, weight, R, output_mask)
 
     @torch.library.register_fake("pfa_kernels::cpp_linear_sequence_input_grad")
     def _linear_sequence_fake(grad_output, B, R):
+        check_devices("cpp_linear_sequence_input_grad", "grad_output", grad_output, B=B, R=R)
         return grad_output.new_empty(grad_output.shape[0], R.shape[1])
