@@ -104,17 +104,41 @@ def _as_2d_geometry(grad_output, R, input_size, stride, padding, dilation):
         rows, out_channels = grad_output.shape
         return dict(positions=rows, out_h=1, out_w=1, in_h=1, in_w=1, kernel=(1, 1), stride=(1, 1), padding=(0, 0),
                     dilation=(1, 1), grad_strides=(grad_output.stride(0), grad_output.stride(1), 0, 0),
-                    R_strides=(R.stride(0), R.stride(1), 0, 0), dx_size=list(input_size))
+                    R_strides=(R.stride(0), R.stride(1), 0, 0))
     if spatial == 1:
         n, _, length = grad_output.shape
         return dict(positions=n * length, out_h=1, out_w=length, in_h=1, in_w=input_size[2], kernel=(1, R.shape[2]),
                     stride=(1, stride[0]), padding=(0, padding[0]), dilation=(1, dilation[0]),
                     grad_strides=(grad_output.stride(0), grad_output.stride(1), 0, grad_output.stride(2)),
-                    R_strides=(R.stride(0), R.stride(1), 0, R.stride(2)), dx_size=list(input_size))
+                    R_strides=(R.stride(0), R.stride(1), 0, R.stride(2)))
     n, _, out_h, out_w = grad_output.shape
     return dict(positions=n * out_h * out_w, out_h=out_h, out_w=out_w, in_h=input_size[2], in_w=input_size[3],
                 kernel=tuple(R.shape[2:]), stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
-                grad_strides=grad_output.stride(), R_strides=R.stride(), dx_size=list(input_size))
+                grad_strides=grad_output.stride(), R_strides=R.stride())
+
+
+def launch_arguments(grad_output, B, R, dx, stride, padding, dilation):
+    """(positional arguments, constexpr keywords, positions) of the kernel for one call, in the order it takes them.
+
+    grad_output, B, R as in sequence_input_grad; dx: the fp32 (input_size) buffer the kernel accumulates into.
+    Shared with aot.py, which derives from it the argument specializations Triton applies to a real call.
+    """
+    geometry = _as_2d_geometry(grad_output, R, list(dx.shape), stride, padding, dilation)
+    out_channels, mid_channels = B.shape
+    in_channels = R.shape[1]
+    if dx.dim() == 2:
+        dx_strides = (dx.stride(0), dx.stride(1), 0, 0)
+    elif dx.dim() == 3:
+        dx_strides = (dx.stride(0), dx.stride(1), 0, dx.stride(2))
+    else:
+        dx_strides = dx.stride()
+    precision = "ieee" if grad_output.dtype == torch.float32 else "tf32"
+    constants = dict(KERNEL_H=geometry["kernel"][0], KERNEL_W=geometry["kernel"][1], INPUT_PRECISION=precision)
+    args = (grad_output, B, R, dx, geometry["positions"], out_channels, mid_channels, in_channels,
+            geometry["out_h"], geometry["out_w"], geometry["in_h"], geometry["in_w"], *geometry["stride"],
+            *geometry["padding"], *geometry["dilation"], *geometry["grad_strides"], *B.stride(),
+            *geometry["R_strides"], *dx_strides)
+    return args, constants, geometry["positions"]
 
 
 @torch.library.triton_op("pfa_kernels::triton_sequence_input_grad", mutates_args=())
@@ -131,33 +155,17 @@ def sequence_input_grad(grad_output: torch.Tensor, B: torch.Tensor, R: torch.Ten
         # Triton 3.8's interpreter gets tl.dot on bf16 operands wrong; bf16 products are exact in fp32, so run the
         # kernel on fp32 copies and keep the bf16 rounding of g_mid (MID_DTYPE). The AOT tests compile real bf16.
         grad_output, B, R = grad_output.float(), B.float(), R.float()
-    geometry = _as_2d_geometry(grad_output, R, input_size, stride, padding, dilation)
-    out_channels, mid_channels = B.shape
-    in_channels = R.shape[1]
-    dx = torch.zeros(geometry["dx_size"], dtype=torch.float32, device=grad_output.device)
-    if dx.dim() == 2:
-        dx_strides = (dx.stride(0), dx.stride(1), 0, 0)
-    elif dx.dim() == 3:
-        dx_strides = (dx.stride(0), dx.stride(1), 0, dx.stride(2))
-    else:
-        dx_strides = dx.stride()
-    precision = "ieee" if grad_output.dtype == torch.float32 else "tf32"
-    constants = dict(KERNEL_H=geometry["kernel"][0], KERNEL_W=geometry["kernel"][1], INPUT_PRECISION=precision,
-                     MID_DTYPE=mid_dtype)
-    args = (grad_output, B, R, dx, geometry["positions"], out_channels, mid_channels, in_channels,
-            geometry["out_h"], geometry["out_w"], geometry["in_h"], geometry["in_w"], *geometry["stride"],
-            *geometry["padding"], *geometry["dilation"], *geometry["grad_strides"], *B.stride(),
-            *geometry["R_strides"], *dx_strides)
+    dx = torch.zeros(input_size, dtype=torch.float32, device=grad_output.device)
+    args, constants, positions = launch_arguments(grad_output, B, R, dx, stride, padding, dilation)
+    constants["MID_DTYPE"] = mid_dtype
+    mid_channels = B.shape[1]
     if INTERPRETER:  # the interpreter cannot benchmark configurations: take the first
-        config = CONFIGS[0].kwargs
-
-        def grid(meta):
-            return triton.cdiv(geometry["positions"], config["BLOCK_P"]), triton.cdiv(mid_channels, config["BLOCK_MID"])
-
-        wrap_triton(_sequence_input_grad_bwd_kernel)[grid](*args, **constants, **config)
+        kernel, constants = _sequence_input_grad_bwd_kernel, {**constants, **CONFIGS[0].kwargs}
     else:
-        def grid(meta):
-            return triton.cdiv(geometry["positions"], meta["BLOCK_P"]), triton.cdiv(mid_channels, meta["BLOCK_MID"])
+        kernel = _autotuned_kernel
 
-        wrap_triton(_autotuned_kernel)[grid](*args, **constants)
+    def grid(meta):
+        return triton.cdiv(positions, meta["BLOCK_P"]), triton.cdiv(mid_channels, meta["BLOCK_MID"])
+
+    wrap_triton(kernel)[grid](*args, **constants)
     return dx.to(out_dtype)
