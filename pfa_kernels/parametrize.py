@@ -6,7 +6,8 @@
 
 Why only some optimizers (DESIGN.md section 2.4): with R = B^T Z + N, an update of R that is linear
 in its gradient B^T dL/dW and in R itself is B^T times the same update of Z, so B·R = M·Z holds after
-every step. SGD (momentum, dampening, Nesterov, weight decay, any lr schedule) and ASGD are linear.
+every step. SGD (momentum, dampening, Nesterov, weight decay, any lr schedule) and ASGD are linear, and so is a
+subclass of them that keeps their step.
 Adam, AdamW, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam, LAMB, Lion, LBFGS, ... are not: they
 divide or sign elementwise, and elementwise operations do not commute with B^T, so a projected layer
 trained with them is a different (and unstudied) learning rule. Gradient clipping by total norm is the
@@ -14,6 +15,8 @@ other caveat: it sees ||dL/dZ|| = ||dL/dW|| where the explicit layer has ||B^T d
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -56,29 +59,58 @@ def reparametrize(model: nn.Module, parametrization: str) -> nn.Module:
             if layer.strategy == "reference":
                 raise ValueError(f"layer {name!r} has strategy='reference' (the literal algorithm), which needs an "
                                  f"explicit R; set its strategy to 'auto' first")
-    for layer in layers.values():
+    for name, layer in layers.items():
+        before = layer.feedback.parameter
         if parametrization == "projected":
             layer.feedback.to_projected()
         else:
             layer.feedback.to_explicit()
+        if layer.feedback.parameter is not before:
+            # An optimizer built earlier still holds `before`: check_optimizer recognises it by this mark.
+            before._replaced_by_reparametrize = name
     return model
 
 
+def _linear_update(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's update is one of LINEAR_OPTIMIZERS': their class or a subclass that keeps their step.
+    torch wraps a class's step in a profiling hook when its first instance is built (on the subclass itself if that
+    comes first), so the step functions are compared unwrapped."""
+    step = inspect.unwrap(type(optimizer).step)
+    return any(isinstance(optimizer, base) and step is inspect.unwrap(base.step) for base in LINEAR_OPTIMIZERS)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
-    """Raise a clear error if `optimizer` updates a projected layer's Z with a rule that is not linear in
-    the gradient (anything but SGD/ASGD), where projected training would differ from PFA; return the optimizer.
+    """Raise a clear error if `optimizer` cannot train `model`'s PFA feedback as PFA: if it was built before
+    pk.reparametrize replaced the feedback parameters (it holds the old ones, and the new ones never learn), or if
+    it updates a projected layer's Z with a rule that is not linear in the gradient (anything but SGD/ASGD and
+    subclasses that keep their step). Return the optimizer.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
-    projected = {id(layer.feedback.Z): name for name, layer in _pfa_layers(model).items()
-                 if layer.parametrization == "projected"}
-    held = [projected[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in projected]
-    if held and type(optimizer) not in LINEAR_OPTIMIZERS:
-        names = ", ".join(repr(n) for n in held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+    held_params = [p for group in optimizer.param_groups for p in group["params"]]
+    replaced = [p._replaced_by_reparametrize for p in held_params if hasattr(p, "_replaced_by_reparametrize")]
+    if replaced:
         raise ValueError(
-            f"{type(optimizer).__name__} updates the projected feedback Z of layer(s) {names}, but projected feedback "
+            f"the optimizer holds the feedback parameter of layer(s) {_names(replaced)} that pk.reparametrize "
+            f"replaced: it was built before pk.reparametrize, so it would update tensors the model no longer uses "
+            f"while the layers' new feedback parameters never learn. Build the optimizer after pk.reparametrize")
+    held_ids = {id(p) for p in held_params}
+    layers = _pfa_layers(model)
+    held = [name for name, layer in layers.items()
+            if layer.parametrization == "projected" and id(layer.feedback.Z) in held_ids]
+    if held and not _linear_update(optimizer):
+        name = type(optimizer).__name__
+        overridden = any(isinstance(optimizer, base) for base in LINEAR_OPTIMIZERS)
+        why = (f"{name} overrides step, so its update may not be linear in the gradient" if overridden else
+               f"{name} acts elementwise on the gradient, which does not commute with B^T")
+        raise ValueError(
+            f"{name} updates the projected feedback Z of layer(s) {_names(held)}, but projected feedback "
             f"reproduces PFA only under optimizers whose update is linear in the gradient (SGD with any momentum, "
-            f"dampening, Nesterov and weight decay; ASGD). {type(optimizer).__name__} acts elementwise on the "
-            f"gradient, which does not commute with B^T. Use parametrization='explicit' "
-            f"(pk.reparametrize(model, 'explicit') before building the optimizer) or an SGD optimizer")
+            f"dampening, Nesterov and weight decay; ASGD; subclasses of them that keep their step). {why}. Use "
+            f"parametrization='explicit' (pk.reparametrize(model, 'explicit') before building the optimizer) or an "
+            f"SGD optimizer")
     return optimizer

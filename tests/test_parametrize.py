@@ -235,3 +235,59 @@ def test_projected_ddp_equals_one_process(tmp_path):
     for key, value in single.state_dict().items():
         assert relative_error(distributed[key], value) < 1e-12, key
     assert relative_error(distributed["0.feedback.Z"], pk.reparametrize(_small_cnn(), "projected")[0].feedback.Z) > 1e-3
+
+
+class _LoggingSGD(torch.optim.SGD):
+    """A subclass that changes nothing in the update (step is SGD's)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.note = "logged"
+
+
+class _ClippingSGD(torch.optim.SGD):
+    """A subclass with its own step: check_optimizer cannot know that it is linear."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.clamp_(-1, 1)
+        return super().step(closure)
+
+
+def _projected_model():
+    return pk.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), parametrization="projected")
+
+
+def test_check_optimizer_accepts_subclasses_that_keep_the_step():
+    model = _projected_model()
+    logging_sgd = _LoggingSGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert pk.check_optimizer(logging_sgd, model) is logging_sgd
+    with pytest.raises(ValueError, match="_ClippingSGD updates the projected feedback Z of layer\\(s\\) '0', '2'.*"
+                                         "_ClippingSGD overrides step"):
+        pk.check_optimizer(_ClippingSGD(model.parameters(), lr=0.1), model)
+
+    class _LoggingAdam(torch.optim.Adam):
+        pass
+
+    with pytest.raises(ValueError, match="_LoggingAdam updates the projected feedback Z"):
+        pk.check_optimizer(_LoggingAdam(model.parameters()), model)
+
+
+@pytest.mark.parametrize("switch_to", ["projected", "explicit"])
+def test_check_optimizer_detects_an_optimizer_built_before_reparametrize(switch_to):
+    """reparametrize replaces each layer's feedback Parameter: an optimizer built before it still holds the old one,
+    and the new one would never learn."""
+    start = "explicit" if switch_to == "projected" else "projected"
+    model = pk.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), parametrization=start)
+    stale = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights_only = torch.optim.SGD([p for name, p in model.named_parameters() if "feedback" not in name], lr=0.1)
+    pk.check_optimizer(stale, model)
+    pk.reparametrize(model, switch_to)
+    with pytest.raises(ValueError, match="holds the feedback parameter of layer\\(s\\) '0', '2' that "
+                                         "pk.reparametrize replaced.*Build the optimizer after pk.reparametrize"):
+        pk.check_optimizer(stale, model)
+    pk.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    pk.check_optimizer(weights_only, model)  # it holds nothing that reparametrize replaced
