@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from .feedback import loads_feedback
+
 FIXED_RULES = ("fa", "usf", "frsf", "brsf")
 
 
@@ -98,6 +100,13 @@ class FixedFeedback(nn.Module):
     @property
     def parameter(self):
         return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # As PFAFeedback: a backpropagation checkpoint keeps F as drawn, a partial one is reported (feedback.py).
+        if loads_feedback(self, state_dict, prefix, missing_keys):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
 
     def extra_repr(self) -> str:
         return f"rule={self.rule!r}, weight: {self.weight_shape}, seed={self.seed}"

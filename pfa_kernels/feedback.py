@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 import warnings
 
 import torch
@@ -118,6 +119,44 @@ def explicit_from_projected(B: torch.Tensor, Z: torch.Tensor, groups: int) -> to
     B_by_group = B.double().reshape(out_channels, groups, -1).transpose(0, 1)
     Z_by_group = Z.double().reshape(out_channels, groups, -1).transpose(0, 1)
     return (B_by_group.transpose(1, 2) @ Z_by_group).reshape(B.shape[1], Z.shape[1] // groups, *kernel)
+
+
+class _FeedbackLoad(threading.local):
+    """What the feedback modules of the load_state_dict call in progress (on this thread) have found. One call is
+    recognised by its missing_keys list, which torch shares among all the modules of the call."""
+
+    missing_keys: list | None = None
+    found = False        # some module's feedback was in the state dict
+    skipped: list = ()   # the keys of the modules whose feedback was not
+
+
+_LOAD = _FeedbackLoad()
+
+
+def loads_feedback(module: nn.Module, state_dict, prefix: str, missing_keys: list) -> bool:
+    """Whether a feedback module (PFAFeedback, FixedFeedback) loads its state from this state dict.
+
+    A backpropagation checkpoint (nn.Conv2d, nn.Linear, torchvision weights) has no feedback state at all: every
+    layer loads its weight and bias and keeps its feedback as drawn. A checkpoint with the feedback of some layers
+    but not of others (converted with another exclude list, or cut short) is not one: the missing layers' feedback
+    keys are reported as missing, an error under load_state_dict(strict=True). torch hands each module only its own
+    keys, so the modules of one call pool what they found: a layer without feedback that loads before any layer
+    with feedback has its keys reported as missing when the first layer with feedback is found.
+    """
+    if _LOAD.missing_keys is not missing_keys:  # a new load_state_dict call
+        _LOAD.missing_keys, _LOAD.found, _LOAD.skipped = missing_keys, False, []
+    if any(key.startswith(prefix) for key in state_dict):
+        if not _LOAD.found:
+            _LOAD.found = True
+            missing_keys.extend(_LOAD.skipped)
+            _LOAD.skipped = []
+        return True
+    expected = [prefix + name for name in module.state_dict(keep_vars=True)]
+    if _LOAD.found:
+        missing_keys.extend(expected)
+    else:
+        _LOAD.skipped.extend(expected)
+    return False
 
 
 class PFAFeedback(nn.Module):
@@ -315,9 +354,7 @@ class PFAFeedback(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # A backpropagation checkpoint (nn.Conv2d, nn.Linear, torchvision weights) has no feedback
-        # state at all: load its weight and bias and keep this layer's feedback as drawn.
-        if not any(key.startswith(prefix) for key in state_dict):
+        if not loads_feedback(self, state_dict, prefix, missing_keys):
             return
         held = "R" if prefix + "R" in state_dict else "Z" if prefix + "Z" in state_dict else None
         mine = "R" if self.parametrization == "explicit" else "Z"

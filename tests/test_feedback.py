@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 import pfa_kernels as pk
+from pfa_kernels.demo import small_cnn
 from pfa_kernels.feedback import PFAFeedback, mid_channels_for
 
 
@@ -149,3 +150,41 @@ def test_ill_conditioned_projection_warns():
         orthogonal = PFAFeedback(64, 64, expand_ratio=1, feedback_init="orthogonal", parametrization="projected",
                                  seed=0)
     assert wide.condition_number < 2.5 and orthogonal.condition_number == pytest.approx(1.0)
+
+
+def _converted_cnn(mode="pfa", **kwargs):
+    return pk.convert(small_cnn(), mode=mode, feedback_seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("parametrization", ["explicit", "projected"])
+def test_a_checkpoint_missing_one_layers_feedback_is_an_error(parametrization):
+    """A PFA checkpoint without one layer's feedback (rule.exclude differed when it was saved) is not a
+    backpropagation checkpoint: strict loading names that layer's keys instead of keeping its feedback as drawn."""
+    state = _converted_cnn(parametrization=parametrization).state_dict()
+    partial = {key: value for key, value in state.items() if not key.startswith("2.feedback.")}
+    model = _converted_cnn(parametrization=parametrization)
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\).*"2.feedback.B"'):
+        model.load_state_dict(partial)
+    model = _converted_cnn(parametrization=parametrization)
+    drawn = model[2].feedback.B.clone()
+    result = model.load_state_dict(partial, strict=False)
+    assert {key for key in result.missing_keys} == {key for key in state if key.startswith("2.feedback.")}
+    assert torch.equal(model[2].feedback.B, drawn) and torch.equal(model[0].feedback.B, state["0.feedback.B"])
+    # The first layer's feedback missing: found out when a later layer turns out to have its feedback.
+    first_missing = {key: value for key, value in state.items() if not key.startswith("0.feedback.")}
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\).*"0.feedback.B"'):
+        _converted_cnn(parametrization=parametrization).load_state_dict(first_missing)
+
+
+@pytest.mark.parametrize("mode", ["pfa", "fa", "frsf"])
+def test_a_backpropagation_checkpoint_loads_into_every_converted_model(mode):
+    """No feedback keys at all: weights and biases load, every layer keeps its feedback as drawn."""
+    bp = small_cnn()
+    model = _converted_cnn(mode)
+    drawn = {key: value.clone() for key, value in model.state_dict().items() if ".feedback." in key}
+    model.load_state_dict(bp.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, drawn[key] if key in drawn else bp.state_dict()[key]), key
+    # A second load into the same model starts afresh (a PFA load before it does not make this one partial).
+    model.load_state_dict(model.state_dict())
+    model.load_state_dict(bp.state_dict())
