@@ -2,9 +2,10 @@
 
     python -m pfa_kernels.train --config cifar10_resnet20 --set optim.lr=0.05 --set rule.mode=fa
 
-A config is a nested dict; DEFAULTS lists every key with its meaning. A recipe file overrides some of them;
-each --set key.path=value (parsed as YAML: numbers, lists, true/false, null) overrides one more. Unknown keys
-are an error naming the key.
+A config is a nested dict; DEFAULTS lists every key with its default, its type and its meaning. A recipe file
+overrides some of them; each --set key.path=value (parsed as YAML: numbers, lists, true/false, null) overrides one
+more. Every value is coerced to its key's type and range-checked as it is read (values.py), so a bad one is an
+error naming the key before anything runs; unknown keys are an error naming the key.
 """
 
 from __future__ import annotations
@@ -14,55 +15,75 @@ from pathlib import Path
 
 import yaml
 
+from .values import Boolean, Choice, ConfigError, Density, Device, Integer, Many, Real, Text, UnknownKeyError
+
+__all__ = ["CONFIG_DIR", "DEFAULTS", "ConfigError", "check", "describe", "load", "recipes"]
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# key -> (default, help). Nested keys are dotted.
+# The layers' backends (pfa_kernels.planner.BACKENDS) and pk.convert's modes; tests keep these in step.
+BACKENDS = ("auto", "torch", "triton", "cpp")
+MODES = ("bp", "pfa", "pfa-o", "kp", "fa", "dfa", "usf", "frsf", "brsf")
+
+# key -> (default, type, help). Nested keys are dotted.
 DEFAULTS = {
-    "data.dataset": ("digits", "digits (scikit-learn's bundled 8x8, no download) | mnist | cifar10 | imagenet "
-                               "(ImageFolder) | imagefolder"),
-    "data.root": ("data", "folder holding the dataset (MNIST/CIFAR-10 as torchvision stores them; ImageFolder "
-                          "with train/ and val/ subfolders)"),
-    "data.download": (False, "let torchvision download MNIST/CIFAR-10 into data.root (needs network access)"),
-    "data.image_size": (224, "ImageFolder: training crop / validation center-crop size"),
-    "data.workers": (2, "DataLoader worker processes"),
-    "data.pin_memory": (True, "pinned host memory for faster host-to-GPU copies"),
-    "model.name": ("digits_cnn", "digits_cnn | mlp | resnet20 (CIFAR, option-A shortcuts) | resnet18 | resnet50"),
-    "model.num_classes": (10, "output classes"),
-    "model.hidden": (512, "mlp: width of each hidden layer"),
-    "model.depth": (2, "mlp: hidden layers"),
-    "model.checkpoint": (None, "a backpropagation state dict (e.g. torchvision's) to start from; the feedback "
-                               "of the converted layers is kept as drawn"),
-    "rule.mode": ("pfa", "bp | pfa | pfa-o | kp | fa | dfa | usf | frsf | brsf (pk.convert modes; bp = no "
-                         "conversion)"),
-    "rule.expand_ratio": (10, "PFA: C_mid / C_out (pfa-o and kp use 1)"),
-    "rule.parametrization": ("auto", "auto (projected with SGD, else explicit) | explicit | projected"),
-    "rule.feedback_density": (1.0, "PFA: density of the fixed sparse masks on B and R"),
-    "rule.exclude": ([], "glob patterns of layer names to keep as backpropagation"),
-    "rule.backend": ("auto", "auto | torch | triton"),
-    "rule.feedback_seed": (0, "seed of every layer's feedback (the i-th layer gets seed + i): the same B on "
-                              "every DDP rank"),
-    "optim.name": ("sgd", "sgd | adam | adamw (adam-like optimizers need rule.parametrization explicit)"),
-    "optim.lr": (0.05, "initial learning rate (for the global batch)"),
-    "optim.momentum": (0.9, "SGD momentum"),
-    "optim.nesterov": (False, "SGD Nesterov momentum"),
-    "optim.weight_decay": (1e-3, "weight decay after the first optim.large_wd_epochs epochs"),
-    "optim.large_weight_decay": (1e-2, "weight decay for the first optim.large_wd_epochs epochs (the paper's "
-                                       "schedule: large first, then small)"),
-    "optim.large_wd_epochs": (1, "epochs with the large weight decay"),
-    "optim.lr_milestones": ([], "epochs at which the lr is multiplied by optim.lr_gamma (step schedule)"),
-    "optim.lr_gamma": (0.1, "step-schedule factor"),
-    "train.epochs": (10, "epochs"),
-    "train.batch_size": (64, "global batch size (split across DDP ranks)"),
-    "train.amp": ("fp32", "fp32 (no autocast) | bf16 | fp16 (autocast; fp16 uses a GradScaler)"),
-    "train.channels_last": (False, "channels_last memory format for images and model"),
-    "train.compile": (False, "torch.compile the model"),
-    "train.seed": (0, "seed of weights, data order and augmentation"),
-    "train.max_steps": (None, "stop after this many optimizer steps in total (for smoke runs)"),
-    "train.device": ("auto", "auto | cpu | cuda"),
-    "log.dir": ("runs/run", "run folder: metrics.jsonl, checkpoint.pt, plots"),
-    "log.every": (50, "steps between progress-bar metric updates"),
-    "log.tensorboard": (False, "also write TensorBoard events (needs the tensorboard package)"),
-    "log.alignment_batches": (1, "batches of the validation set used for per-layer input-gradient alignment"),
+    "data.dataset": ("digits", Choice("digits", "mnist", "cifar10", "imagenet", "imagefolder"),
+                     "digits is scikit-learn's bundled 8x8 (no download); imagenet and imagefolder read an "
+                     "ImageFolder"),
+    "data.root": ("data", Text(), "folder holding the dataset (MNIST/CIFAR-10 as torchvision stores them; "
+                                  "ImageFolder with train/ and val/ subfolders)"),
+    "data.download": (False, Boolean(), "let torchvision download MNIST/CIFAR-10 into data.root (needs network "
+                                        "access)"),
+    "data.image_size": (224, Integer(1), "ImageFolder: training crop / validation center-crop size"),
+    "data.workers": (2, Integer(0), "DataLoader worker processes"),
+    "data.pin_memory": (True, Boolean(), "pinned host memory for faster host-to-GPU copies"),
+    "model.name": ("digits_cnn", Choice("digits_cnn", "mlp", "resnet20", "resnet18", "resnet50"),
+                   "resnet20 is CIFAR's, with option-A shortcuts"),
+    "model.num_classes": (10, Integer(1), "output classes: the dataset's number of classes"),
+    "model.hidden": (512, Integer(1), "mlp: width of each hidden layer"),
+    "model.depth": (2, Integer(0), "mlp: hidden layers"),
+    "model.checkpoint": (None, Text(optional=True),
+                         "a backpropagation state dict (e.g. torchvision's) to start from; the feedback of the "
+                         "converted layers is kept as drawn"),
+    "rule.mode": ("pfa", Choice(*MODES), "pk.convert's modes; bp = no conversion"),
+    "rule.expand_ratio": (10, Real(0, open_minimum=True), "PFA: C_mid / C_out (pfa-o and kp use 1)"),
+    "rule.parametrization": ("auto", Choice("auto", "explicit", "projected"),
+                             "auto = projected with SGD (and dense masks), else explicit"),
+    "rule.feedback_density": (1.0, Density(), "PFA: density of the fixed sparse masks on B and R"),
+    "rule.exclude": ([], Many(Text(), "strings"), "glob patterns of layer names to keep as backpropagation "
+                                                  "(one pattern, or a YAML list: [fc, 'layer4.*'])"),
+    "rule.backend": ("auto", Choice(*BACKENDS), "the PFA layers' backward backend"),
+    "rule.feedback_seed": (0, Integer(0), "seed of every layer's feedback (the i-th layer gets seed + i): the "
+                                          "same B on every DDP rank"),
+    "optim.name": ("sgd", Choice("sgd", "adam", "adamw"), "adam-like optimizers need rule.parametrization "
+                                                          "explicit"),
+    "optim.lr": (0.05, Real(0), "initial learning rate (for the global batch)"),
+    "optim.momentum": (0.9, Real(0, 1), "SGD momentum"),
+    "optim.nesterov": (False, Boolean(), "SGD Nesterov momentum"),
+    "optim.weight_decay": (1e-3, Real(0), "weight decay after the first optim.large_wd_epochs epochs"),
+    "optim.large_weight_decay": (1e-2, Real(0), "weight decay for the first optim.large_wd_epochs epochs (the "
+                                                "paper's schedule: large first, then small)"),
+    "optim.large_wd_epochs": (1, Integer(0), "epochs with the large weight decay"),
+    "optim.lr_milestones": ([], Many(Integer(0), "integers >= 0"),
+                            "epochs at which the lr is multiplied by optim.lr_gamma (step schedule)"),
+    "optim.lr_gamma": (0.1, Real(0, open_minimum=True), "step-schedule factor"),
+    "train.epochs": (10, Integer(1), "epochs"),
+    "train.batch_size": (64, Integer(1), "global batch size (split across DDP ranks); at most the training set"),
+    "train.amp": ("fp32", Choice("fp32", "bf16", "fp16"), "fp32 = no autocast; fp16 adds a GradScaler"),
+    "train.channels_last": (False, Boolean(), "channels_last memory format for images and model"),
+    "train.compile": (False, Boolean(), "torch.compile the model"),
+    "train.seed": (0, Integer(0, 2**32 - 1), "seed of weights, data order and augmentation"),
+    "train.max_steps": (None, Integer(1, optional=True), "stop after this many optimizer steps in total (for smoke "
+                                                         "runs); a checkpoint is written there"),
+    "train.device": ("auto", Device(), "auto = cuda when available, else cpu"),
+    "log.dir": ("runs/run", Text(), "run folder: config.json, metrics.jsonl, checkpoint.pt, plots"),
+    "log.every": (50, Integer(1), "steps between progress-bar metric updates"),
+    "log.checkpoint_every": (None, Integer(1, optional=True),
+                             "also write checkpoint.pt every this many steps, so that --resume continues exactly "
+                             "from within an epoch (null: at the end of each epoch and at train.max_steps only)"),
+    "log.tensorboard": (False, Boolean(), "also write TensorBoard events (needs the tensorboard package)"),
+    "log.alignment_batches": (1, Integer(0), "validation batches (on rank 0) over which each epoch records every "
+                                             "PFA layer's input-gradient alignment with backpropagation (0: none)"),
 }
 
 
@@ -88,9 +109,15 @@ def recipes() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+def coerce(key: str, value):
+    """value in key's declared type (ConfigError naming the key if it has none)."""
+    return DEFAULTS[key][1].coerce(key, value)
+
+
 def load(recipe: str | None = None, overrides: list[str] = ()) -> dict:
-    """DEFAULTS, then the recipe (a name in configs/ or a YAML path), then key=value overrides."""
-    flat = {key: default for key, (default, _) in DEFAULTS.items()}
+    """DEFAULTS, then the recipe (a name in configs/ or a YAML path), then key=value overrides; every value coerced
+    to its key's type."""
+    flat = {key: default for key, (default, _, _) in DEFAULTS.items()}
     if recipe:
         path = Path(recipe)
         if not path.suffix:
@@ -101,19 +128,29 @@ def load(recipe: str | None = None, overrides: list[str] = ()) -> dict:
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep:
-            raise ValueError(f"override {override!r} must look like key.path=value")
+            raise ConfigError(f"override {override!r} must look like key.path=value")
         _update(flat, {key.strip(): yaml.safe_load(text)}, "--set")
+    return _nest(flat)
+
+
+def check(config: dict) -> dict:
+    """A validated copy of a nested config (as loop.run takes it): missing keys take their defaults, every value is
+    coerced to its key's type, an unknown key is an UnknownKeyError (a KeyError) naming it."""
+    flat = {key: default for key, (default, _, _) in DEFAULTS.items()}
+    _update(flat, _flatten(config), "the config")
     return _nest(flat)
 
 
 def _update(flat: dict, new: dict, source: str) -> None:
     unknown = sorted(set(new) - set(DEFAULTS))
     if unknown:
-        raise KeyError(f"unknown config key(s) {unknown} in {source}; known keys: {sorted(DEFAULTS)}")
-    flat.update(new)
+        raise UnknownKeyError(f"unknown config key(s) {unknown} in {source}; known keys: {sorted(DEFAULTS)}")
+    # Coerce all before changing any: a bad value leaves `flat` as it was.
+    flat.update({key: coerce(key, value) for key, value in new.items()})
 
 
 def describe() -> str:
-    """Every key with its default and meaning (for --help)."""
+    """Every key with its type, default and meaning (for --help)."""
     width = max(map(len, DEFAULTS))
-    return "\n".join(f"  {key:<{width}}  {default!r}: {text}" for key, (default, text) in DEFAULTS.items())
+    return "\n".join(f"  {key:<{width}}  {kind.describe()}, default {'null' if default is None else repr(default)}: "
+                     f"{text}" for key, (default, kind, text) in DEFAULTS.items())
