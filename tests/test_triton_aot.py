@@ -30,6 +30,35 @@ def test_every_kernel_compiles_without_spills_within_shared_memory(arch):
         assert 0 < row.occupancy <= 1
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_sequence_kernel_accumulates_without_fences(arch):
+    """The fused kernel's fp32 adds into dx are relaxed reductions. With the default acq_rel semantics every
+    atomic compiled to MEMBAR.ALL.GPU + ERRBAR + ATOMG + CCTL.IVALL (PTX: atom.global.gpu.acq_rel.add.f32): 8 of
+    each per kernel with 8 warps, 4 with the 32x64 tile, on both architectures."""
+    from pfa_kernels.backends.triton import aot
+
+    rows = [row for row in aot.compile_all(arch) if row.kernel.startswith("sequence_input_grad")]
+    assert rows
+    for row in rows:
+        what = f"{row.kernel} [{row.config}] {row.dtype} sm_{arch}"
+        assert row.atomics > 0, f"{what}: no atomic in the SASS, so nothing was checked"
+        assert row.ptx_fences == 0 and row.sass_fences == 0, (
+            f"{what}: {row.ptx_fences} ordered atomics or fences in the PTX, {row.sass_fences} in the SASS")
+
+
+def test_fence_patterns_match_what_acq_rel_atomics_compile_to():
+    """The patterns find the instructions an acq_rel atomic becomes, and leave out the CTA-scope and async-proxy
+    fences of Hopper tensor-core code (which a kernel with wgmma needs)."""
+    from pfa_kernels.backends.triton import aot
+
+    ptx = "atom.global.gpu.acq_rel.add.f32 %f1, [%rd1], %f2;\n red.global.gpu.relaxed.add.f32 [%rd1], %f2;\n" \
+          "fence.proxy.async.shared::cta;\n wgmma.fence.sync.aligned;\n membar.gl;\n fence.acq_rel.gpu;"
+    sass = "MEMBAR.ALL.GPU ;\n ERRBAR;\n ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R0, [R2.64], R5 ;\n CCTL.IVALL ;\n" \
+           "REDG.E.ADD.F32.FTZ.RN.STRONG.GPU [R2.64], R5 ;\n MEMBAR.ALL.CTA ;\n FENCE.VIEW.ASYNC.S ;"
+    assert aot.fence_counts(ptx, sass) == {"ptx": 3, "MEMBAR.ALL.GPU": 1, "ERRBAR": 1, "CCTL.IVALL": 1}
+    assert len(aot.SASS_ATOMICS.findall(sass)) == 2
+
+
 def test_triton_backend_on_cpu_without_the_interpreter_raises():
     assert "triton" not in pk.planner.available_backends("cpu")
     layer = pk.PFALinear(4, 3, backend="triton")

@@ -1,5 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel and configuration for real GPUs (no GPU needed), and
-the resources each uses: registers and spills from ptxas, shared memory from Triton, estimated occupancy.
+the resources each uses: registers and spills from ptxas, shared memory from Triton, estimated occupancy, and
+the memory fences in its machine code (SASS, disassembled with the cuobjdump Triton ships).
 
     rows = compile_all(arch=90)     # sm_90 (H100); arch=80 for sm_80 (A100)
 
@@ -10,6 +11,7 @@ replaces the kernels with Python).
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import tempfile
@@ -42,6 +44,9 @@ class KernelResources:
     spill_bytes: int
     shared_bytes: int
     num_warps: int
+    ptx_fences: int = 0    # gpu/system-scope fences and ordered atomics in the PTX (PTX_FENCES)
+    sass_fences: int = 0   # MEMBAR.*.GPU/SYS, ERRBAR and CCTL.IVALL in the SASS (SASS_FENCES)
+    atomics: int = 0       # atomic and reduction instructions in the SASS
 
     @property
     def occupancy(self) -> float:
@@ -52,15 +57,45 @@ class KernelResources:
         return blocks * self.num_warps / MAX_WARPS_PER_SM
 
 
+# Memory-ordering instructions: in PTX, membar/fence at gpu or system scope and atomics with acquire/release
+# semantics; in SASS, what those become on sm_80/sm_90 (MEMBAR.*.GPU/SYS, ERRBAR, the CCTL.IVALL L1 flush).
+# A CTA-scope MEMBAR and the async-proxy fences around Hopper's wgmma are not counted: they order shared memory
+# inside one block, and a tensor-core kernel needs them.
+PTX_FENCES = re.compile(r"\bmembar\.(?:gl|sys)\b|\bfence\.(?:sc|acq_rel)(?:\.gpu|\.sys)?\b|"
+                        r"\b(?:atom|red)\.[\w.:]*\b(?:acq_rel|acquire|release)\b")
+SASS_FENCES = re.compile(r"\bMEMBAR\.(?:\w+\.)?(?:GPU|SYS)\b|\bERRBAR\b|\bCCTL\.IVALL\b")
+SASS_ATOMICS = re.compile(r"\b(?:RED|ATOM)G?\.")
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def sass(cubin: bytes) -> str:
+    """The SASS of a compiled kernel (its cubin), as cuobjdump prints it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def fence_counts(ptx: str, machine_code: str) -> dict[str, int]:
+    """Memory-ordering instructions of a kernel by kind: "ptx" (PTX_FENCES), then each SASS_FENCES mnemonic."""
+    counts = {"ptx": len(PTX_FENCES.findall(ptx))}
+    for match in SASS_FENCES.findall(machine_code):
+        counts[match] = counts.get(match, 0) + 1
+    return counts
+
+
 def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
     """(registers per thread, spill store + load bytes) as ptxas reports them."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     arch_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "kernel.ptx"
         source.write_text(ptx)
-        result = subprocess.run([str(ptxas), f"-arch={arch_name}", "-v", str(source), "-o", str(Path(folder) / "k.o")],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run([_tool("ptxas"), f"-arch={arch_name}", "-v", str(source), "-o",
+                                 str(Path(folder) / "k.o")], capture_output=True, text=True, check=True)
     report = result.stdout + result.stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
@@ -96,8 +131,9 @@ def _grouped_signature():
     return signature
 
 
-def compile_all(arch: int) -> list[KernelResources]:
-    """Compile every kernel x configuration x dtype for sm_<arch>; return their resources."""
+@functools.cache
+def compile_all(arch: int) -> tuple[KernelResources, ...]:
+    """Compile every kernel x configuration x dtype for sm_<arch>; return their resources (computed once)."""
     rows = []
     for dtype_name, dtype in DTYPES.items():
         precision = "ieee" if dtype_name == "fp32" else "tf32"
@@ -112,12 +148,15 @@ def compile_all(arch: int) -> list[KernelResources]:
             compiled = _compile(grouped_matmul._grouped_matmul_fwd_kernel, _grouped_signature(), constexprs, config,
                                 arch)
             rows.append(_resources("grouped_matmul", config, dtype_name, arch, compiled))
-    return rows
+    return tuple(rows)
 
 
 def _resources(kernel, config, dtype_name, arch, compiled) -> KernelResources:
     registers, spills = _ptxas_resources(compiled.asm["ptx"], arch)
+    machine_code = sass(compiled.asm["cubin"])
+    fences = fence_counts(compiled.asm["ptx"], machine_code)
     label = " ".join(f"{k}={v}" for k, v in config.kwargs.items()) + f" warps={config.num_warps} " \
         f"stages={config.num_stages}"
     return KernelResources(kernel, label, dtype_name, arch, registers, spills, compiled.metadata.shared,
-                           config.num_warps)
+                           config.num_warps, fences.pop("ptx"), sum(fences.values()),
+                           len(SASS_ATOMICS.findall(machine_code)))
