@@ -5,6 +5,7 @@ pytest process with the variable set; in the main process the ahead-of-time test
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -130,3 +131,41 @@ def test_triton_rejects_float64_and_auto_keeps_the_torch_backend():
     available = pk.planner.available_backends("cpu")
     assert available[0] == "torch" and available[-1] == "triton"
     assert pk.planner.resolve_backend("auto", "cpu") == "torch"  # the interpreter is never picked by "auto"
+
+
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on torch.cuda.current_device(), so every launch must make its tensors' device current:
+    each op goes through launch.launch, which enters device_guard(the tensors' device) around the kernel."""
+    from pfa_kernels.backends.triton import launch
+
+    active, launched = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        active.append(device)
+        yield
+        active.pop()
+
+    real_wrap_triton = launch.wrap_triton
+
+    def checking_wrap_triton(kernel):
+        launched.append(list(active))
+        return real_wrap_triton(kernel)
+
+    monkeypatch.setattr(launch, "device_guard", recording_guard)
+    monkeypatch.setattr(launch, "wrap_triton", checking_wrap_triton)
+    cpu = torch.device("cpu")
+    torch.ops.pfa_kernels.triton_grouped_matmul([torch.randn(3, 4)], [torch.randn(4, 5)])
+    torch.ops.pfa_kernels.triton_sequence_input_grad(torch.randn(2, 3), torch.randn(3, 4), torch.randn(4, 5),
+                                                     [2, 5], [], [], [])
+    assert launched == [[cpu], [cpu]]
+
+
+def test_device_guard_selects_a_cuda_tensors_device():
+    """The guard for a CUDA tensor switches to its device (checked without a GPU: the context is built, not
+    entered); CPU tensors, which only the interpreter runs, need none."""
+    from pfa_kernels.backends.triton.launch import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)

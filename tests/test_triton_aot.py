@@ -1,6 +1,7 @@
 """Every Triton kernel and configuration compiled ahead of time for sm_80 (A100) and sm_90 (H100) without a
 GPU: registers, spills (ptxas) and shared memory (Triton) within each architecture's limits. Runs in the main
-pytest process (without TRITON_INTERPRET, which would replace the kernels with Python)."""
+pytest process (without TRITON_INTERPRET, which would replace the kernels with Python), as do the tests of the
+native kernels on a GPU (marked `cuda`; skipped here)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 
 import pytest
 import torch
+from conftest import assert_matches_reference, relative_error, requires_two_gpus
+from torch import nn
 
 import pfa_kernels as pk
 
@@ -64,3 +67,24 @@ def test_triton_backend_on_cpu_without_the_interpreter_raises():
     layer = pk.PFALinear(4, 3, backend="triton")
     with pytest.raises(RuntimeError, match="backend='triton' is not available.*TRITON_INTERPRET=1"):
         layer(torch.randn(2, 4))
+
+
+@requires_two_gpus
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["product", "sequence"])
+def test_layers_on_the_second_gpu_launch_their_kernels_there(strategy):
+    """cuda:0 current, the layers on cuda:1: Triton launches on the current device, so without a guard on the
+    tensors' device the kernels would run on cuda:0 with cuda:1 pointers. Product order runs the batched
+    feedback-product kernel, sequence order the fused one; feedback_weights runs the grouped one."""
+    device = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        conv = pk.PFAConv2d(6, 10, 3, padding=1, expand_ratio=4, backend="triton", strategy=strategy, device=device)
+        linear = pk.PFALinear(12, 7, expand_ratio=3, backend="triton", strategy=strategy, device=device)
+        assert_matches_reference(conv, torch.randn(2, 6, 7, 5, device=device), 1e-5)
+        assert_matches_reference(linear, torch.randn(5, 12, device=device), 1e-5)
+        model = nn.Sequential(conv, nn.Flatten(), pk.PFALinear(350, 4, backend="triton", device=device))
+        for name, weight in pk.feedback_weights(model, backend="triton").items():
+            assert weight.device == device
+            assert relative_error(weight, model.get_submodule(name).feedback.feedback_weight()) < 1e-5, name
+        assert torch.cuda.current_device() == 0
+        torch.cuda.synchronize(device)

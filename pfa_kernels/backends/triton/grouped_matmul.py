@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import INTERPRETER
+from .launch import launch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for A100/H100: the feedback products are C_out x C_mid x K with
 # C_out in 64-2048 and K = C_in * k^2 in 27-4608. 64-128 x 64-128 tiles with 3 stages fit sm_80's 164 KB and
@@ -115,7 +115,7 @@ def grouped_matmul(lefts: list[torch.Tensor], rights: list[torch.Tensor]) -> lis
     meta = config.kwargs
     pointers, sizes, strides, tile_starts, tiles = _launch_tables(lefts, rights, outs, meta["BLOCK_M"],
                                                                  meta["BLOCK_N"], device)
-    wrap_triton(_grouped_matmul_fwd_kernel)[(tiles,)](
-        *pointers, sizes, strides, tile_starts, len(lefts), DTYPE=_TRITON_DTYPES[dtype], INPUT_PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+    launch(_grouped_matmul_fwd_kernel, (tiles,), device, *pointers, sizes, strides, tile_starts, len(lefts),
+           DTYPE=_TRITON_DTYPES[dtype], INPUT_PRECISION=precision, num_warps=config.num_warps,
+           num_stages=config.num_stages, **meta)
     return outs

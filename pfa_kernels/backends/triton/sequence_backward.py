@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import INTERPRETER
+from .launch import launch
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -171,5 +171,5 @@ def sequence_input_grad(grad_output: torch.Tensor, B: torch.Tensor, R: torch.Ten
     def grid(meta):
         return triton.cdiv(positions, meta["BLOCK_P"]), triton.cdiv(mid_channels, meta["BLOCK_MID"])
 
-    wrap_triton(kernel)[grid](*args, **constants)
+    launch(kernel, grid, dx.device, *args, **constants)
     return dx.to(out_dtype)
