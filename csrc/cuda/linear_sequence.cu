@@ -82,6 +82,10 @@ __global__ void linear_sequence_bwd_kernel(const scalar_t* __restrict__ g, const
 
 at::Tensor linear_sequence_input_grad_cuda(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
   check_linear_sequence_args(grad_output, B, R);
+  // Both kernels add their mid-chunk partials into dx with atomics (fp32, or fp64), in whatever order the blocks
+  // finish: the rounding differs from run to run. Raised for every call, zero-size ones too, so that a program
+  // meets the error on its first call, not on its first non-empty batch.
+  at::globalContext().alertNotDeterministic("pfa_kernels::cpp_linear_sequence_input_grad (CUDA)");
   const c10::cuda::CUDAGuard guard(grad_output.device());
   // A grid with a zero dimension does not launch ("invalid configuration argument"): P = 0 or C_mid = 0.
   if (has_empty_operand(grad_output, B, R)) return at::zeros({grad_output.size(0), R.size(1)}, grad_output.options());
