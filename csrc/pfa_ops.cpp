@@ -206,6 +206,8 @@ TORCH_LIBRARY(pfa_kernels, m) {
         "int[] padding, int[] dilation, int groups, str input_order, str feedback_order, bool[4] output_mask) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
   m.def("cpp_linear_sequence_input_grad(Tensor grad_output, Tensor B, Tensor R) -> Tensor");
+  // No tensors: one kernel for every device. pfa_kernels.backends.cpp reads it to tell which GPUs can run the ops.
+  m.def("cpp_cuda_images() -> str", &pfa_kernels::cuda_images);
 }
 
 TORCH_LIBRARY_IMPL(pfa_kernels, CPU, m) {

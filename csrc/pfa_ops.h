@@ -42,4 +42,8 @@ bool has_empty_operand(const at::Tensor& grad_output, const at::Tensor& B, const
 at::Tensor linear_sequence_input_grad_cpu(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R);
 at::Tensor linear_sequence_input_grad_cuda(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R);
 
+// The device code in the library, "/"-separated as nvcc names it: "sm_XY" (SASS: runs on X.y for y >= Y) and
+// "compute_XY" (PTX: the driver compiles it for X.Y and every newer GPU); "" when built without CUDA.
+std::string cuda_images();
+
 }  // namespace pfa_kernels

@@ -80,6 +80,18 @@ __global__ void linear_sequence_bwd_kernel(const scalar_t* __restrict__ g, const
 
 }  // namespace
 
+// Which device code nvcc put in this library, as nvcc names it ("sm_80/compute_90/sm_90": SASS for sm_80 and
+// sm_90, PTX for compute_90), from TORCH_CUDA_ARCH_LIST (setup.py defines PFA_KERNELS_CUDA_IMAGES).
+#define PFA_KERNELS_STRINGIFY_(x) #x
+#define PFA_KERNELS_STRINGIFY(x) PFA_KERNELS_STRINGIFY_(x)
+std::string cuda_images() {
+#ifdef PFA_KERNELS_CUDA_IMAGES
+  return PFA_KERNELS_STRINGIFY(PFA_KERNELS_CUDA_IMAGES);
+#else
+  return "";
+#endif
+}
+
 at::Tensor linear_sequence_input_grad_cuda(const at::Tensor& grad_output, const at::Tensor& B, const at::Tensor& R) {
   check_linear_sequence_args(grad_output, B, R);
   // Both kernels add their mid-chunk partials into dx with atomics (fp32, or fp64), in whatever order the blocks
