@@ -169,3 +169,41 @@ def test_device_guard_selects_a_cuda_tensors_device():
     guard = device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only=False):
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+NONDETERMINISTIC = "triton_sequence_input_grad .*does not have a deterministic implementation"
+
+
+def test_fused_sequence_kernel_alerts_under_deterministic_algorithms():
+    """Its fp32 atomics make dx's rounding vary from run to run: it raises under
+    torch.use_deterministic_algorithms(True), warns with warn_only=True, and raises under torch.compile too (the
+    check runs while the op is traced). The product order's GEMM kernels have no atomics and run."""
+    grad, B, R = torch.randn(4, 3), torch.randn(3, 6), torch.randn(6, 5)
+
+    def input_grad(grad, B, R):
+        return torch.ops.pfa_kernels.triton_sequence_input_grad(grad, B, R, [4, 5], [], [], [])
+
+    expected = input_grad(grad, B, R)
+    with deterministic_algorithms(), pytest.raises(RuntimeError, match=NONDETERMINISTIC):
+        input_grad(grad, B, R)
+    with deterministic_algorithms(warn_only=True), pytest.warns(UserWarning, match=NONDETERMINISTIC):
+        assert torch.equal(input_grad(grad, B, R), expected)
+    with deterministic_algorithms(), pytest.raises(RuntimeError, match=NONDETERMINISTIC):
+        torch.compile(input_grad, backend="eager", fullgraph=True)(grad, B, R)
+
+    x = torch.randn(4, 6, requires_grad=True)
+    with deterministic_algorithms():
+        with pytest.raises(RuntimeError, match=NONDETERMINISTIC):
+            pk.PFALinear(6, 5, expand_ratio=2, backend="triton", strategy="sequence")(x).sum().backward()
+        pk.PFALinear(6, 5, expand_ratio=2, backend="triton", strategy="product")(x).sum().backward()
+    assert x.grad is not None

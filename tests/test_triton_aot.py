@@ -5,11 +5,12 @@ native kernels on a GPU (marked `cuda`; skipped here)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
-from conftest import assert_matches_reference, relative_error, requires_two_gpus
+from conftest import assert_matches_reference, relative_error, requires_cuda, requires_two_gpus
 from torch import nn
 
 import pfa_kernels as pk
@@ -88,3 +89,29 @@ def test_layers_on_the_second_gpu_launch_their_kernels_there(strategy):
             assert relative_error(weight, model.get_submodule(name).feedback.feedback_weight()) < 1e-5, name
         assert torch.cuda.current_device() == 0
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_fused_sequence_kernel_alerts_under_deterministic_algorithms_when_compiled():
+    """Compiled by Inductor it runs natively; once torch.use_deterministic_algorithms(True) is set, Dynamo
+    recompiles (the setting is part of its guards) and the fused kernel's check raises while the op is traced."""
+    grad, B, R = (torch.randn(shape, device="cuda") for shape in ((64, 48), (48, 96), (96, 40)))
+
+    def input_grad(grad, B, R):
+        return torch.ops.pfa_kernels.triton_sequence_input_grad(grad, B, R, [64, 40], [], [], [])
+
+    compiled = torch.compile(input_grad, fullgraph=True)
+    assert relative_error(compiled(grad, B, R), (grad @ B) @ R) < 1e-5
+    with deterministic_algorithms(), pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+        compiled(grad, B, R)

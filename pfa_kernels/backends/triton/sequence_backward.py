@@ -15,6 +15,8 @@ the parallelism comes from when P is small (the case the planner sends to the se
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -145,6 +147,23 @@ def launch_arguments(grad_output, B, R, dx, stride, padding, dilation):
     return args, constants, geometry["positions"]
 
 
+def _alert_not_deterministic() -> None:
+    """The kernel's fp32 atomic adds into dx meet in an order that changes from run to run, and so does the
+    rounding of dx: under torch.use_deterministic_algorithms(True) it raises, with warn_only=True it warns, as
+    PyTorch's own nondeterministic kernels do (same message). Under torch.compile it fires while the op is traced.
+    """
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    caller = "pfa_kernels::triton_sequence_input_grad (the fused Triton sequence-order input gradient)"
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(f"{caller} does not have a deterministic implementation, but you set "
+                      f"'torch.use_deterministic_algorithms(True, warn_only=True)'.", stacklevel=3)
+        return
+    raise RuntimeError(f"{caller} does not have a deterministic implementation, but you set "
+                       f"'torch.use_deterministic_algorithms(True)'. Give the layer strategy='product' or "
+                       f"backend='torch' (both deterministic), or use the 'warn_only=True' option.")
+
+
 @torch.library.triton_op("pfa_kernels::triton_sequence_input_grad", mutates_args=())
 def sequence_input_grad(grad_output: torch.Tensor, B: torch.Tensor, R: torch.Tensor, input_size: list[int],
                         stride: list[int], padding: list[int], dilation: list[int]) -> torch.Tensor:
@@ -154,6 +173,7 @@ def sequence_input_grad(grad_output: torch.Tensor, B: torch.Tensor, R: torch.Ten
     R (C_mid, C_in) or (C_mid, C_in, *kernel) (groups = 1); input_size: x's shape. Returns dL/dx (input_size)
     in grad_output's dtype (accumulated in fp32).
     """
+    _alert_not_deterministic()
     out_dtype, mid_dtype = grad_output.dtype, _TRITON_DTYPES[grad_output.dtype]
     if INTERPRETER and out_dtype == torch.bfloat16:
         # Triton 3.8's interpreter gets tl.dot on bf16 operands wrong; bf16 products are exact in fp32, so run the
