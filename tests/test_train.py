@@ -14,7 +14,9 @@ from pfa_kernels.train import loop, models
 
 
 def _config(tmp_path, *overrides):
-    return train_config.load("digits", [f"log.dir={tmp_path}", "train.batch_size=32", *overrides])
+    # The torch backend: exact comparisons need the same kernels in every run (auto may measure and switch).
+    return train_config.load("digits", [f"log.dir={tmp_path}", "train.batch_size=32", "rule.backend=torch",
+                                        *overrides])
 
 
 def test_cli_on_digits(tmp_path):
@@ -32,6 +34,9 @@ def test_cli_on_digits(tmp_path):
         assert key in record
     assert record["weight_decay"] == 1e-2  # the large weight decay of the first epochs
     assert len(record["layers"]) == 4 and all(0 < row["path_alignment"] < 180 for row in record["layers"])
+    # log.alignment_batches (1 by default): PFA's input gradients against backpropagation's, per layer.
+    assert all(0 < row["input_gradient_alignment"] < 180 for row in record["layers"][1:])
+    assert record["val_samples"] == 450
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "alignment.png").stat().st_size > 0
 
 
@@ -69,23 +74,34 @@ def test_resume_continues_exactly(tmp_path, mode):
     assert a["batch_in_epoch"] == b["batch_in_epoch"] == 4
 
 
-def _ddp_worker(rank, world_size, init_file, run_dir):
-    config = train_config.load("digits", [f"log.dir={run_dir}", "train.batch_size=32", "train.max_steps=3",
-                                          "rule.mode=pfa"])
+def _ddp_worker(rank, world_size, init_file, run_dir, overrides):
+    config = train_config.load("digits", [f"log.dir={run_dir}", *overrides])
     try:
-        loop.run(config, rank=rank, world_size=world_size, init_method=f"file://{init_file}", progress=False)
+        metrics = loop.run(config, rank=rank, world_size=world_size, init_method=f"file://{init_file}",
+                           progress=False)
+        torch.save(metrics, f"{run_dir}/metrics_rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_equal_one(tmp_path):
-    """2-process gloo DDP, 3 steps, global batch 32 (16 per rank) == 1 process with batch 32."""
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp")), nprocs=2)
-    loop.run(_config(tmp_path / "single", "train.max_steps=3", "rule.mode=pfa"), progress=False)
+    """2-process gloo DDP, one epoch of 3 steps, global batch 448 (224 per rank) == 1 process with batch 448: the
+    weights, and the metrics of the epoch (each rank validates its half of the 450 digits; the counts are summed)."""
+    overrides = ["train.batch_size=448", "train.epochs=1", "rule.mode=pfa", "rule.backend=torch"]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), overrides),
+                                nprocs=2)
+    single_metrics = loop.run(train_config.load("digits", [f"log.dir={tmp_path / 'single'}", *overrides]),
+                              progress=False)
     ddp = torch.load(tmp_path / "ddp" / loop.CHECKPOINT, weights_only=False)["model"]
     single = torch.load(tmp_path / "single" / loop.CHECKPOINT, weights_only=False)["model"]
     for key, value in single.items():
         torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for rank in range(2):
+        metrics = torch.load(tmp_path / "ddp" / f"metrics_rank{rank}.pt", weights_only=False)
+        assert (metrics["val_top1"], metrics["val_top5"]) == (single_metrics["val_top1"], single_metrics["val_top5"])
+        for key in ("val_loss", "train_loss", "train_top1"):
+            assert metrics[key] == pytest.approx(single_metrics[key], rel=1e-5), key
+        assert metrics["val_samples"] == single_metrics["val_samples"] == 450
 
 
 def test_imagefolder_smoke(tmp_path):
@@ -125,3 +141,33 @@ def test_starts_from_a_backpropagation_checkpoint(tmp_path):
     for key, value in bp.state_dict().items():
         assert torch.equal(state[key], value), key
     assert any(key.endswith("feedback.Z") for key in state)  # converted, projected under SGD
+
+
+def test_checkpoint_every_resumes_exactly_mid_epoch(tmp_path, monkeypatch):
+    """A run killed after step 3 of an epoch, with log.checkpoint_every=2, resumes from step 2 and ends exactly where
+    an uninterrupted run does: the weights and the epoch's training metrics."""
+    common = ["train.batch_size=224", "train.epochs=1"]  # 6 steps in the epoch
+    straight = loop.run(_config(tmp_path / "a", *common), progress=False)
+    calls = []
+    real_to_device = loop._to_device
+
+    def dies_at_the_fourth_batch(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_to_device(*args)
+
+    monkeypatch.setattr(loop, "_to_device", dies_at_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(_config(tmp_path / "b", *common, "log.checkpoint_every=2"), progress=False)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "b" / loop.CHECKPOINT, weights_only=False)
+    assert (state["step"], state["batch_in_epoch"]) == (2, 2)
+    torch.manual_seed(12345)
+    resumed = loop.run(_config(tmp_path / "b", *common, "log.checkpoint_every=2"), resume=True, progress=False)
+    a = torch.load(tmp_path / "a" / loop.CHECKPOINT, weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / loop.CHECKPOINT, weights_only=False)["model"]
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    for key in ("step", "train_loss", "train_top1", "val_loss", "val_top1"):
+        assert resumed[key] == straight[key], key

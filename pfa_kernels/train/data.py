@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from .values import ConfigError
 
 
 class GlobalBatchSampler(Sampler):
@@ -32,6 +34,20 @@ class GlobalBatchSampler(Sampler):
         for start in range(0, len(self) * self.global_batch, self.global_batch):
             shard = permutation[start + self.rank * self.per_rank:start + (self.rank + 1) * self.per_rank]
             yield shard.tolist()
+
+
+class ShardSampler(Sampler):
+    """This rank's share of a dataset evaluated in order: indices rank, rank + world_size, ... Every sample is on
+    exactly one rank (no padding, unlike DistributedSampler), so counts summed across ranks are the whole set's."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = range(rank, size, world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
 
 
 def digits(seed: int = 0):
@@ -100,18 +116,37 @@ def datasets(config: dict):
     raise ValueError(f"data.dataset must be digits, mnist, cifar10, imagenet or imagefolder; got {name!r}")
 
 
+def num_classes(dataset) -> int:
+    """Classes of a training set: torchvision's .classes, else 1 + the largest label of a TensorDataset."""
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return len(classes)
+    return int(dataset.tensors[1].max()) + 1
+
+
+def check(config: dict, train_set, world_size: int) -> None:
+    """The keys that can only be checked against the data: ConfigError naming the key."""
+    batch_size, size = config["train"]["batch_size"], len(train_set)
+    if batch_size > size:
+        raise ConfigError(f"train.batch_size={batch_size} is larger than the training set ({size} samples of "
+                          f"data.dataset={config['data']['dataset']!r}): an epoch would have no step")
+    if batch_size % world_size:
+        raise ConfigError(f"train.batch_size={batch_size} must divide by the {world_size} DDP ranks")
+    classes, wanted = num_classes(train_set), config["model"]["num_classes"]
+    if wanted != classes:
+        raise ConfigError(f"model.num_classes={wanted}, but data.dataset={config['data']['dataset']!r} has "
+                          f"{classes} classes")
+
+
 def loaders(config: dict, train_set, val_set, rank: int, world_size: int, device):
-    """(train loader, val loader, train batch sampler). Training batches come from GlobalBatchSampler; the
-    validation set is split across ranks (counts are summed across ranks by the caller)."""
+    """(train loader, val loader, train batch sampler). Training batches come from GlobalBatchSampler; each sample
+    of the validation set is evaluated on exactly one rank (counts are summed across ranks by the caller)."""
     data, train = config["data"], config["train"]
-    if train["batch_size"] % world_size:
-        raise ValueError(f"train.batch_size={train['batch_size']} must divide by the {world_size} DDP ranks")
     batch_sampler = GlobalBatchSampler(len(train_set), train["batch_size"], rank, world_size, train["seed"])
     in_memory = isinstance(train_set, TensorDataset)
     common = dict(num_workers=0 if in_memory else data["workers"], pin_memory=data["pin_memory"] and
                   device.type == "cuda", persistent_workers=not in_memory and data["workers"] > 0)
     train_loader = DataLoader(train_set, batch_sampler=batch_sampler, **common)
-    val_sampler = DistributedSampler(val_set, world_size, rank, shuffle=False, drop_last=False)
-    val_loader = DataLoader(val_set, batch_size=max(1, train["batch_size"] // world_size), sampler=val_sampler,
-                            **common)
+    val_loader = DataLoader(val_set, batch_size=max(1, train["batch_size"] // world_size),
+                            sampler=ShardSampler(len(val_set), rank, world_size), **common)
     return train_loader, val_loader, batch_sampler
