@@ -8,7 +8,7 @@ STAMP := $(VENV)/.pfa_kernels-installed
 # Extension builds (a later csrc/ extension): keep them within a 2-core machine.
 export MAX_JOBS ?= 2
 export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
 .PHONY: setup demo test lint bench gpu-check clean
 
