@@ -3,18 +3,25 @@
     model = pk.convert(torchvision.models.resnet18(), mode="pfa", exclude=("fc",), expand_ratio=10)
     model, report = pk.convert(model, return_report=True)   # what was converted, what was not, and why
 
-Layers are matched by type (subclasses of nn.Linear / nn.ConvNd included); the new layer reuses the
-old layer's weight and bias Parameter objects, so an optimizer built before conversion still holds
-them. Linear layers owned by nn.MultiheadAttention are left as they are and reported: the attention
-uses their weights directly and never calls their forward, so converting them would change nothing.
+Layers are matched by type (nn.Linear / nn.ConvNd and their subclasses); the new layer reuses the old
+layer's weight and bias Parameter objects, so an optimizer built before conversion still holds them.
+Conversion never changes what a model computes: a layer is left as it is, and reported with the reason (or,
+with strict=True, convert raises), when its class has a forward of its own (weight standardization, dynamic
+"same" padding, adapters), its weight is parametrized or hooked (weight_norm, spectral_norm), or
+nn.MultiheadAttention owns it (the attention uses its weights without calling it). A module shared at several
+places becomes one PFA layer at all of them. Other Linear/Conv-like modules (a weight of two or more dims, a class
+name with "Conv" or "Linear") are reported as left alone. pk.verify(model, inputs) checks the result on real inputs.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from .dfa import DirectFeedbackAlignment
 from .feedback import check_feedback_options
@@ -48,8 +55,34 @@ class ConversionRecord:
 def _pfa_class(module: nn.Module):
     for nn_class, pfa_class in _PFA_CLASS_FOR:
         if isinstance(module, nn_class):
-            return pfa_class
+            return nn_class, pfa_class
+    return None, None
+
+
+_LAYER_LIKE_NAME = re.compile("conv|linear", re.IGNORECASE)
+
+
+def _refusal(module: nn.Module, nn_class) -> str | None:
+    """Why converting this Linear/Conv module would change what the model computes (None: it would not)."""
+    if parametrize.is_parametrized(module):
+        return ("its weight is parametrized (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...); a PFA "
+                "layer would drop the parametrization")
+    own_forward = type(module).forward is not nn_class.forward or (
+        hasattr(nn_class, "_conv_forward") and type(module)._conv_forward is not nn_class._conv_forward)
+    if own_forward:
+        return (f"{type(module).__name__} has a forward of its own (not nn.{nn_class.__name__}'s); a PFA layer would "
+                f"compute nn.{nn_class.__name__}'s instead")
+    if module._forward_pre_hooks or module._forward_hooks:
+        return "it has forward hooks (torch.nn.utils.weight_norm, spectral_norm, ...), which a new layer would lose"
+    if not isinstance(module.weight, nn.Parameter):
+        return f"its weight is a {type(module.weight).__name__}, not a Parameter (computed by a hook?)"
     return None
+
+
+def _layer_like(module: nn.Module) -> bool:
+    """A module that is not an nn.Linear/ConvNd but computes like one (timm's CondConv2d, ...): listed as left."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() >= 2 and bool(_LAYER_LIKE_NAME.search(type(module).__name__))
 
 
 def _build_pfa_layer(module: nn.Module, pfa_class, layer_kwargs: dict) -> nn.Module:
@@ -67,7 +100,8 @@ def _build_pfa_layer(module: nn.Module, pfa_class, layer_kwargs: dict) -> nn.Mod
     return layer
 
 
-def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool = False, **layer_kwargs):
+def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool = False, strict: bool = False,
+            **layer_kwargs):
     """Replace every Linear/Conv1d/2d/3d in `model` (in place) by its PFA counterpart; return the model.
 
     mode: "pfa" (the default), "pfa-o" (orthogonal B, r = 1), "kp" (Kolen-Pollack: B = I, r = 1), a
@@ -76,8 +110,11 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
     keyword arguments override a mode's presets. exclude: glob patterns (fnmatch) on qualified module
     names ("fc", "layer4.*") to leave alone. layer_kwargs: the feedback keyword arguments of the PFA
     layers (expand_ratio, feedback_init, feedback_density, parametrization, strategy, backend,
-    feedback_seed); with feedback_seed=s, the i-th converted layer gets seed s + i. With
-    return_report=True, returns (model, [ConversionRecord, ...]). The model is untouched if the call raises.
+    feedback_seed); with feedback_seed=s, the i-th converted layer gets seed s + i. strict=True raises
+    instead of leaving a layer whose conversion would change the model's forward. With
+    return_report=True, returns (model, [ConversionRecord, ...]): every Linear/Conv-like module, converted or
+    not, with the reason. A model that already has PFA layers is refused (build a fresh model, or switch
+    parametrization with pk.reparametrize). The model is untouched if the call raises.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -88,6 +125,12 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
     unknown = sorted(set(layer_kwargs) - set(_LAYER_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}; convert accepts {_LAYER_KWARGS}")
+    already = [name or type(model).__name__ for name, m in model.named_modules() if isinstance(m, PFA_LAYERS)
+               and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)]
+    if already:
+        raise ValueError(
+            f"the model already has PFA layers ({', '.join(already[:5])}{', ...' if len(already) > 5 else ''}): "
+            f"convert a fresh model, or switch their parametrization with pk.reparametrize(model, ...)")
     if mode == "dfa":
         extra = sorted(set(layer_kwargs) - {"feedback_seed"})
         if extra or exclude or return_report:
@@ -106,29 +149,57 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
     attention_owned = {
         id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
         for child in module.modules() if child is not module}
-    records, replacements = [], []
-    for name, module in model.named_modules():
+    # Every place a module stands (a shared module is at several): one PFA layer for all of them.
+    places: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(name)
+        modules[id(module)] = module
+    records, replacements, refused = [], {}, []
+    for key, names in places.items():
+        module = modules[key]
         if isinstance(module, PFA_LAYERS):
             continue
-        pfa_class = _pfa_class(module)
-        if pfa_class is None:
-            continue
+        nn_class, pfa_class = _pfa_class(module)
         layer_type = type(module).__name__
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
-            records.append(ConversionRecord(name, layer_type, False, "matches exclude"))
-        elif id(module) in attention_owned:
-            records.append(ConversionRecord(
-                name, layer_type, False, "owned by nn.MultiheadAttention, which uses its weights directly"))
+        if nn_class is None:
+            if isinstance(module, nn.MultiheadAttention):
+                records += [ConversionRecord(name, layer_type, False, "uses in_proj_weight directly: its projections "
+                                             "train with backpropagation") for name in names]
+            elif _layer_like(module):
+                records += [ConversionRecord(name, layer_type, False, "not an nn.Linear/ConvNd subclass: trains with "
+                                             "backpropagation") for name in names]
+            continue
+        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"{names[0]} ({layer_type}) is not initialized yet: run one forward pass of the model "
+                             f"before pk.convert, so its weight has a shape")
+        excluded = [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in exclude)]
+        refusal = _refusal(module, nn_class)
+        if excluded:
+            reason = "matches exclude" if len(excluded) == len(names) else \
+                f"matches exclude at {excluded} (a shared module is converted everywhere or nowhere)"
+            records += [ConversionRecord(name, layer_type, False, reason) for name in names]
+        elif key in attention_owned:
+            records += [ConversionRecord(name, layer_type, False, "owned by nn.MultiheadAttention, which uses its "
+                                         "weights directly") for name in names]
+        elif refusal is not None:
+            refused.append(f"{names[0]}: {refusal}")
+            records += [ConversionRecord(name, layer_type, False, refusal) for name in names]
         else:
             seed = None if base_seed is None else base_seed + len(replacements)
             # Build every replacement before swapping any, so an error leaves the model as it was.
-            replacements.append((name, _build_pfa_layer(module, pfa_class, {**layer_kwargs, "feedback_seed": seed})))
-            records.append(ConversionRecord(name, layer_type, True, f"-> {pfa_class.__name__}"))
+            replacements[key] = _build_pfa_layer(module, pfa_class, {**layer_kwargs, "feedback_seed": seed})
+            shared = f" (one layer shared by {len(names)} places)" if len(names) > 1 else ""
+            records += [ConversionRecord(name, layer_type, True, f"-> {pfa_class.__name__}{shared}") for name in names]
+    if strict and refused:
+        raise ValueError("strict=True: converting these layers would change what the model computes: "
+                         + "; ".join(refused))
 
-    for name, layer in replacements:
-        if not name:  # the model itself is a single layer
-            model = layer
-            continue
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, layer)
+    for key, layer in replacements.items():
+        for name in places[key]:
+            if not name:  # the model itself is a single layer
+                model = layer
+                continue
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, layer)
     return (model, records) if return_report else model

@@ -122,9 +122,24 @@ class _PFAMixin:
         return dataclasses.replace(chosen, reason=f"{reason}; {chosen.reason}", timings=timings)
 
 
-def _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule="pfa"):
+_PFA_DEFAULTS = {"expand_ratio": 10, "feedback_init": "random", "feedback_density": 1.0,
+                 "parametrization": "explicit", "strategy": "auto"}
+_INT64 = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule="pfa",
+                         expand_ratio=10, feedback_seed=None):
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    if rule != "pfa":  # a fixed-feedback rule has no B, R or order: PFA arguments would be silently ignored
+        given = dict(expand_ratio=expand_ratio, feedback_init=feedback_init, feedback_density=feedback_density,
+                     parametrization=parametrization, strategy=strategy)
+        ignored = sorted(name for name, value in given.items() if value != _PFA_DEFAULTS[name])
+        if ignored:
+            raise TypeError(f"rule={rule!r} is a fixed-feedback rule: it takes backend and feedback_seed, not the PFA "
+                            f"arguments {ignored}")
+    if isinstance(feedback_seed, int) and not _INT64[0] <= feedback_seed <= _INT64[1]:  # other types: feedback.py
+        raise ValueError(f"feedback_seed must be in [-2**63, 2**64 - 1] (a torch.Generator seed); got {feedback_seed}")
     check_feedback_options(feedback_init, feedback_density, parametrization)
     functional.check_strategy_for(strategy, parametrization)
     if backend not in dispatch.BACKENDS:
@@ -141,7 +156,8 @@ class PFALinear(_PFAMixin, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  expand_ratio=10, feedback_init="random", feedback_density=1.0, parametrization="explicit",
                  strategy="auto", backend="auto", feedback_seed=None, rule="pfa"):
-        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule)
+        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule, expand_ratio,
+                             feedback_seed)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_feedback(in_features, (), 1, expand_ratio, feedback_init, feedback_density, parametrization,
                             strategy, backend, feedback_seed, device, dtype, rule)
@@ -200,7 +216,8 @@ def _conv_class(base: type[nn.Module], spatial_dims: int, name: str):
                  padding_mode="zeros", device=None, dtype=None, *, expand_ratio=10, feedback_init="random",
                  feedback_density=1.0, parametrization="explicit", strategy="auto", backend="auto",
                  feedback_seed=None, rule="pfa"):
-        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule)
+        _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule, expand_ratio,
+                             feedback_seed)
         base.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                       padding_mode, device=device, dtype=dtype)
         self._init_conv_feedback(expand_ratio, feedback_init, feedback_density, parametrization, strategy, backend,
