@@ -6,12 +6,13 @@
     pk.metrics.report(model)
 """
 
-from . import baselines, dfa, dispatch, functional, metrics, planner, reference
+from . import baselines, dfa, dispatch, functional, metrics, planner, reference, testing
 from .convert import ConversionRecord, convert
 from .feedback import PFAFeedback
 from .model_feedback import feedback_weights
 from .nn import PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
 from .parametrize import check_optimizer, reparametrize
+from .verify import VerifyReport, verify
 
 __all__ = [
     "ConversionRecord",
@@ -31,5 +32,8 @@ __all__ = [
     "planner",
     "reference",
     "reparametrize",
+    "testing",
+    "verify",
+    "VerifyReport",
 ]
 __version__ = "0.1.0"
