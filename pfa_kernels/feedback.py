@@ -83,7 +83,7 @@ _MASKED_R_MESSAGE = (
 
 def projection_matrix(B: torch.Tensor, groups: int) -> torch.Tensor:
     """M_j = B_j B_j^T for each group j: (G, C_out, C_out) from B (C_out, C_mid), in B's dtype."""
-    B_by_group = B.double().reshape(B.shape[0], groups, -1).transpose(0, 1)
+    B_by_group = B.double().reshape(B.shape[0], groups, B.shape[1] // groups).transpose(0, 1)
     return torch.bmm(B_by_group, B_by_group.transpose(1, 2)).to(B.dtype)
 
 
@@ -97,8 +97,8 @@ def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int, with_nu
     belong to B's null space and are left out).
     """
     out_channels, kernel = B.shape[0], R.shape[2:]
-    B_by_group = B.double().reshape(out_channels, groups, -1).transpose(0, 1)  # (G, C_out, C_mid/G)
-    R_by_group = R.double().reshape(groups, -1, math.prod(R.shape[1:]))       # (G, C_mid/G, K)
+    B_by_group = B.double().reshape(out_channels, groups, B.shape[1] // groups).transpose(0, 1)  # (G, C_out, C_mid/G)
+    R_by_group = R.double().reshape(groups, R.shape[0] // groups, math.prod(R.shape[1:]))       # (G, C_mid/G, K)
     U, S, Vh = torch.linalg.svd(B_by_group, full_matrices=False)
     cutoff = max(B_by_group.shape[1:]) * torch.finfo(torch.float64).eps * S[:, :1]
     kept = S > cutoff
@@ -106,8 +106,11 @@ def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int, with_nu
     pinv = U @ (inverse.unsqueeze(-1) * Vh)                                    # pinv(B_j^T): (G, C_out, C_mid/G)
     Z_by_group = pinv @ R_by_group                                             # (G, C_out, K)
     null = R_by_group - B_by_group.transpose(1, 2) @ Z_by_group if with_null else None
-    smallest = torch.where(kept, S, math.inf).amin(dim=1)
-    condition = (S[:, 0] / smallest).max().item() if bool(kept.any()) else 1.0
+    if bool(kept.any()):  # (C_out = 0 leaves B no singular values: nothing to condition)
+        smallest = torch.where(kept, S, math.inf).amin(dim=1)
+        condition = (S[:, 0] / smallest).max().item()
+    else:
+        condition = 1.0
     Z = Z_by_group.reshape(groups, out_channels, R.shape[1], *kernel).transpose(0, 1)
     return Z.reshape(out_channels, groups * R.shape[1], *kernel), None if null is None else null.reshape(R.shape), \
         condition
@@ -116,8 +119,9 @@ def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int, with_nu
 def explicit_from_projected(B: torch.Tensor, Z: torch.Tensor, groups: int) -> torch.Tensor:
     """B^T Z per group (float64): (C_mid, C_in/G, *kernel) from B (C_out, C_mid) and Z (C_out, C_in, *kernel)."""
     out_channels, kernel = B.shape[0], Z.shape[2:]
-    B_by_group = B.double().reshape(out_channels, groups, -1).transpose(0, 1)
-    Z_by_group = Z.double().reshape(out_channels, groups, -1).transpose(0, 1)
+    # Explicit sizes, not -1: reshape cannot infer a size from zero elements (C_out = 0 or C_in = 0).
+    B_by_group = B.double().reshape(out_channels, groups, B.shape[1] // groups).transpose(0, 1)
+    Z_by_group = Z.double().reshape(out_channels, groups, math.prod(Z.shape[1:]) // groups).transpose(0, 1)
     return (B_by_group.transpose(1, 2) @ Z_by_group).reshape(B.shape[1], Z.shape[1] // groups, *kernel)
 
 
@@ -239,7 +243,7 @@ class PFAFeedback(nn.Module):
         if self.feedback_init == "random":
             # Var(B_ij) = gain^2 * 2 / (C_out + C_mid) = 1 / C_mid for gain^2 = (1 + 1/r) / 2 (r = C_mid/C_out),
             # so E[B B^T] = I; a mask keeps that by dividing the gain by sqrt(density).
-            ratio = self.mid_channels / self.out_channels
+            ratio = self.mid_channels / max(self.out_channels, 1)  # C_out = 0: B is empty, any gain
             gain = math.sqrt((1 + 1 / ratio) / 2) / math.sqrt(B_density)
             nn.init.xavier_uniform_(B, gain=gain, generator=generator)
         elif self.feedback_init == "orthogonal":

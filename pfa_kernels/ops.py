@@ -96,6 +96,23 @@ def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrizati
     return dispatch.run(key, grad_output.device, reference, candidates, execute)
 
 
+def _zero_size_grads(grad_output, x, weight, feedback, output_mask, channel_dim):
+    """The gradients when x or W has no elements (an empty batch, C_in = 0 or C_out = 0), as nn's layers give them,
+    without a kernel: dL/dx, dL/dW and the feedback gradient are zero (every product they sum is empty or
+    multiplies an empty tensor), and dL/db sums grad_output over everything but its channels. None when there are
+    elements: the backward proper runs."""
+    if x.numel() and weight.numel():
+        return None
+    channel_dim %= grad_output.dim()
+    other_dims = [d for d in range(grad_output.dim()) if d != channel_dim]
+    if grad_output.shape[channel_dim] == weight.shape[0]:
+        grad_bias = grad_output.sum(other_dims)
+    else:  # F.conv2d on C_in = 0 returns (N, 0, *spatial), not C_out channels of bias: nn's dL/db is then 0
+        grad_bias = weight.new_zeros(weight.shape[0])
+    grads = (torch.zeros_like(x), torch.zeros_like(weight), grad_bias, torch.zeros_like(feedback))
+    return _package_grads(grads, x, weight, feedback, output_mask)
+
+
 def _check_direct(output_mask):
     # functional checks this before the forward; the op checks it too for direct callers of the op.
     if output_mask[3]:
@@ -145,6 +162,24 @@ def _fake_grads(x, weight, feedback, output_mask):
     )
 
 
+def _refuse_second_order(op_name: str, weight_index: int):
+    """Autograd for a backward op: a second backward through a PFA layer's gradients (create_graph=True, then a
+    backward of them) raises a clear error instead of PyTorch's "no autograd formula". PFA's dL/dx is not the
+    derivative of the forward, so there is no consistent second-order rule to give."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.weight_shape = tuple(inputs[weight_index].shape)
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"second-order gradients are not supported by PFA layers: the {op_name} layer with weight "
+            f"{ctx.weight_shape} was differentiated twice (create_graph=True, then a backward of its gradients). "
+            f"Its dL/dx uses the feedback weight, not W, so it is not the derivative of the forward; use an nn layer "
+            f"(pk.convert's exclude=...) where a second derivative is needed")
+
+    return backward, setup_context
+
+
 # ----------------------------------------------------------------------------- linear
 
 
@@ -183,6 +218,11 @@ def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Te
             grads = torch_ops.linear_backward(grad_output, x, weight, B, feedback, plan, *output_mask, pieces=pieces)
         return _package_grads(grads, x, weight, feedback, output_mask)
 
+    if parametrization == "direct":
+        _check_direct(output_mask)
+    empty = _zero_size_grads(grad_output, x, weight, feedback, output_mask, channel_dim=-1)
+    if empty is not None:
+        return empty
     return _dispatched(grad_output, weight, B, M, feedback, (), 1, parametrization, strategy, backend, output_mask,
                        execute)
 
@@ -207,6 +247,8 @@ def _linear_autograd_backward(ctx, grad_output):
 
 
 linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
+_backward, _setup = _refuse_second_order("linear", weight_index=2)
+linear_backward.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- conv
@@ -255,6 +297,11 @@ def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tens
             grads = torch_ops.conv_backward(grad_output, x, weight, B, feedback, *conv_args, pieces=pieces)
         return _package_grads(grads, x, weight, feedback, output_mask)
 
+    if parametrization == "direct":
+        _check_direct(output_mask)
+    empty = _zero_size_grads(grad_output, x, weight, feedback, output_mask, channel_dim=1)
+    if empty is not None:
+        return empty
     return _dispatched(grad_output, weight, B, M, feedback, (stride, padding, dilation, groups), groups,
                        parametrization, strategy, backend, output_mask, execute)
 
@@ -281,6 +328,8 @@ def _conv_autograd_backward(ctx, grad_output):
 
 
 conv.register_autograd(_conv_autograd_backward, setup_context=_conv_setup_context)
+_backward, _setup = _refuse_second_order("convolution", weight_index=2)
+conv_backward.register_autograd(_backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- shared

@@ -68,8 +68,11 @@ class _LiteralPFA(torch.autograd.Function):
             # The feedback path x -> R -> B carries the error back to the input and teaches R.
             mid_recomputed = _forward_conv(x_leaf, R_leaf, None, stride, padding, dilation, groups)
             assert mid_recomputed.shape == mid.shape
-            feedback_out = _apply_B(mid_recomputed, B, channel_dim)
-            grad_x, grad_R = torch.autograd.grad(feedback_out, [x_leaf, R_leaf], grad_output)
+            if x.numel() == 0:  # no path from x: zero gradients (a conv over C_in = 0 even returns 0 channels)
+                grad_x, grad_R = torch.zeros_like(x), torch.zeros_like(R)
+            else:
+                feedback_out = _apply_B(mid_recomputed, B, channel_dim)
+                grad_x, grad_R = torch.autograd.grad(feedback_out, [x_leaf, R_leaf], grad_output)
         return grad_x, grad_weight, grad_bias, None, grad_R, None, None, None, None
 
 

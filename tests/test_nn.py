@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -277,3 +278,96 @@ def test_saves_only_what_backward_needs(layer_kind):
         literal_forward(layer)(x)
     mid_shape = (*y.shape[:-1], 50) if layer_kind == "linear" else (2, 50, 6, 6)
     assert mid_shape in literal_saved  # the literal algorithm keeps the mid activation
+
+
+# ----------------------------------------------------------------------------- edge shapes and misuse
+
+_EDGE_LAYERS = {  # name: (PFA layer class and arguments, input shape)
+    "linear-empty-batch": (pk.PFALinear, (4, 3), (0, 4)),
+    "linear-empty-leading-dim": (pk.PFALinear, (4, 3), (2, 0, 4)),
+    "linear-no-inputs": (pk.PFALinear, (0, 3), (5, 0)),
+    "linear-no-outputs": (pk.PFALinear, (3, 0), (5, 3)),
+    "conv-empty-batch": (pk.PFAConv2d, (3, 4, 3), (0, 3, 6, 6)),
+    "conv-no-inputs": (pk.PFAConv2d, (0, 4, 3), (2, 0, 6, 6)),
+    "conv-empty-batch-groups": (pk.PFAConv2d, (4, 6, 3), (0, 4, 5, 5)),
+}
+_EDGE_RUNS = [(parametrization, strategy, backend) for parametrization in PARAMETRIZATIONS for strategy in STRATEGIES
+              for backend in ("torch", "cpp", "auto")
+              if not (parametrization == "projected" and strategy == "reference")]
+
+
+@pytest.mark.parametrize("parametrization, strategy, backend", _EDGE_RUNS)
+@pytest.mark.parametrize("case", sorted(_EDGE_LAYERS))
+def test_zero_size_shapes_behave_as_nn(case, parametrization, strategy, backend):
+    """Empty batches, empty leading dims, C_in = 0 and C_out = 0: the outputs and every gradient are nn's (empty
+    tensors, or zeros; dL/db sums grad_output), for every parametrization, strategy and backend."""
+    from pfa_kernels.backends import cpp
+
+    if backend == "cpp" and not cpp.is_available("cpu"):
+        pytest.skip(cpp.unavailable_reason("cpu"))
+    layer_class, arguments, input_shape = _EDGE_LAYERS[case]
+    kwargs = dict(groups=2) if case.endswith("groups") else {}
+    layer = layer_class(*arguments, **kwargs, parametrization=parametrization, strategy=strategy, backend=backend,
+                        dtype=torch.float64)
+    reference = getattr(nn, layer_class.__name__[3:])(*arguments, **kwargs, dtype=torch.float64)
+    reference.load_state_dict({"weight": layer.weight, "bias": layer.bias})
+    x = torch.randn(input_shape, dtype=torch.float64, requires_grad=True)
+    x_reference = x.detach().clone().requires_grad_(True)
+    y, y_reference = layer(x), reference(x_reference)
+    assert y.shape == y_reference.shape and torch.equal(y, y_reference)
+    grad_output = torch.randn_like(y)
+    y.backward(grad_output)
+    y_reference.backward(grad_output)
+    assert torch.equal(x.grad, x_reference.grad)
+    assert torch.equal(layer.weight.grad, reference.weight.grad)
+    assert torch.equal(layer.bias.grad, reference.bias.grad)
+    feedback_grad = layer.feedback.parameter.grad
+    assert feedback_grad.shape == layer.feedback.parameter.shape and not feedback_grad.any()
+
+
+@pytest.mark.parametrize("layer_class, arguments", [(pk.PFAConv2d, (3, 0, 3)), (pk.PFAConv2d, (0, 0, 3))])
+def test_zero_output_channel_convolution_raises_as_nn(layer_class, arguments):
+    """nn.Conv2d with C_out = 0 raises in its forward (cuDNN/oneDNN take no empty weight): so does the PFA layer,
+    with the same error, and building it does not fail on the empty feedback."""
+    layer = layer_class(*arguments)
+    reference = nn.Conv2d(*arguments)
+    x = torch.randn(2, arguments[0], 6, 6)
+    with pytest.raises(RuntimeError) as nn_error:
+        reference(x)
+    with pytest.raises(RuntimeError) as pfa_error:
+        layer(x)
+    assert str(pfa_error.value) == str(nn_error.value)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_grouped_conv1d_with_frozen_feedback(backend, dtype, parametrization):
+    """A grouped Conv1d with bias and frozen feedback: the weight gradient comes from BP's grouped convolution,
+    not from a correlation that oneDNN returned although the mask did not ask for it ("invalid gradient at index
+    1 - got [4, 1, 1, 1] but expected [4, 1, 1]")."""
+    layer = pk.PFAConv1d(4, 4, 3, groups=2, bias=True, parametrization=parametrization, strategy="product",
+                         backend=backend, dtype=dtype)
+    layer.feedback.parameter.requires_grad_(False)
+    reference = nn.Conv1d(4, 4, 3, groups=2, bias=True, dtype=dtype)
+    reference.load_state_dict({"weight": layer.weight, "bias": layer.bias})
+    x = torch.randn(8, 4, 33, dtype=dtype, requires_grad=True)  # batch 8: oneDNN's path at batch 1 honours the mask
+    layer(x).sum().backward()
+    reference(x.detach()).sum().backward()
+    assert torch.equal(layer.weight.grad, reference.weight.grad)
+    assert torch.equal(layer.bias.grad, reference.bias.grad)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("layer_kind", ["linear", "conv"])
+def test_second_order_gradients_raise(layer_kind, parametrization):
+    """create_graph=True gives first-order gradients; differentiating them again raises naming the layer by its
+    weight shape, not PyTorch's generic "does not have a derivative"."""
+    if layer_kind == "linear":
+        layer, x = pk.PFALinear(5, 3, parametrization=parametrization), torch.randn(2, 5, requires_grad=True)
+    else:
+        layer, x = pk.PFAConv2d(2, 3, 3, parametrization=parametrization), torch.randn(2, 2, 5, 5, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"second-order gradients are not supported by PFA layers.*weight "
+                                           + re.escape(str(tuple(layer.weight.shape)))):
+        grad_x.sum().backward()

@@ -11,6 +11,7 @@ Shapes (groups G; a linear layer has no kernel or spatial dims and any leading d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ def feedback_product(B: torch.Tensor, R: torch.Tensor, groups: int = 1) -> torch
     out_channels, mid_channels = B.shape
     mid_per_group = mid_channels // groups
     B_by_group = B.reshape(out_channels, groups, mid_per_group).transpose(0, 1)  # (G, C_out, C_mid/G)
-    R_by_group = R.reshape(groups, mid_per_group, -1)                            # (G, C_mid/G, K)
+    R_by_group = R.reshape(groups, mid_per_group, math.prod(R.shape[1:]))        # (G, C_mid/G, K)
     dense = torch.bmm(B_by_group, R_by_group)                                    # (G, C_out, K)
     in_per_group = R.shape[1]
     dense = dense.reshape(groups, out_channels, in_per_group, *R.shape[2:]).transpose(0, 1)
@@ -45,7 +46,7 @@ def feedback_grad_from_correlation(B: torch.Tensor, correlation: torch.Tensor, g
     mid_per_group = mid_channels // groups
     in_per_group = correlation.shape[1] // groups
     B_by_group = B.reshape(out_channels, groups, mid_per_group).permute(1, 2, 0)           # (G, C_mid/G, C_out)
-    corr_by_group = correlation.reshape(out_channels, groups, -1).transpose(0, 1)       # (G, C_out, K)
+    corr_by_group = _columns_by_group(correlation, groups)                              # (G, C_out, K)
     grad = torch.bmm(B_by_group, corr_by_group)                                          # (G, C_mid/G, K)
     return grad.reshape(mid_channels, in_per_group, *correlation.shape[2:])
 
@@ -56,9 +57,16 @@ def weight_grad_from_correlation(correlation: torch.Tensor, groups: int) -> torc
     correlation (C_out, C_in, *kernel). Returns (C_out, C_in/groups, *kernel).
     """
     out_channels, in_channels = correlation.shape[:2]
-    blocks = correlation.reshape(groups, out_channels // groups, groups, in_channels // groups, -1)
+    blocks = correlation.reshape(groups, out_channels // groups, groups, in_channels // groups,
+                                 math.prod(correlation.shape[2:]))
     diagonal = torch.diagonal(blocks, dim1=0, dim2=2)  # (C_out/G, C_in/G, K, G)
     return diagonal.permute(3, 0, 1, 2).reshape(out_channels, in_channels // groups, *correlation.shape[2:])
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (prod(...), C) with explicit sizes: reshape(-1, C) is ambiguous for zero-element tensors
+    (an empty batch, or C_in / C_out = 0), which must give empty or zero gradients as nn's layers do."""
+    return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
 
 
 def mid_error(grad_output: torch.Tensor, B: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -96,9 +104,7 @@ def linear_backward(grad_output, x, weight, B, R, plan: Plan, need_input, need_w
     pieces: the feedback-product kernels to use (another backend's; default: these PyTorch ones).
     """
     pieces = pieces or TORCH_PIECES
-    in_features = x.shape[-1]
-    x_rows = x.reshape(-1, in_features)
-    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    x_rows, grad_rows = _rows(x), _rows(grad_output)
     grad_x = grad_weight = grad_bias = grad_R = None
 
     correlation_needed = need_feedback and plan.feedback_grad_order == "product"
@@ -147,6 +153,7 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
         want_correlation = feedback_by_product or (groups == 1 and need_weight)
         grad_x, correlation, grad_bias = conv_grads(
             grad_output, feedback_weight, 1, [True, want_correlation, need_bias])
+        correlation = correlation if want_correlation else None  # oneDNN may return it though masked out
     elif feedback_by_product:
         dense_shape = (weight.shape[0], weight.shape[1] * groups, *weight.shape[2:])
         # Only the shape of the weight matters for a weight gradient.
@@ -186,7 +193,7 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
 
 def _columns_by_group(dense: torch.Tensor, groups: int) -> torch.Tensor:
     """(C_out, C_in, *kernel) -> (G, C_out, C_in/G * prod(kernel)): the input columns of each group."""
-    return dense.reshape(dense.shape[0], groups, -1).transpose(0, 1)
+    return dense.reshape(dense.shape[0], groups, math.prod(dense.shape[1:]) // groups).transpose(0, 1)
 
 
 def apply_projection(B: torch.Tensor, M: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
@@ -197,7 +204,7 @@ def apply_projection(B: torch.Tensor, M: torch.Tensor | None, columns: torch.Ten
     if M is not None:
         return torch.bmm(M, columns)
     groups = columns.shape[0]
-    B_by_group = B.reshape(B.shape[0], groups, -1).transpose(0, 1)  # (G, C_out, C_mid/G)
+    B_by_group = B.reshape(B.shape[0], groups, B.shape[1] // groups).transpose(0, 1)  # (G, C_out, C_mid/G)
     return torch.bmm(B_by_group, torch.bmm(B_by_group.transpose(1, 2), columns))
 
 
@@ -214,10 +221,12 @@ def projected_error(grad_output: torch.Tensor, B: torch.Tensor, M: torch.Tensor 
                     channel_dim: int) -> torch.Tensor:
     """g'_j = M_j g at every position, stacked over groups: C_out channels -> G * C_out channels."""
     rows = grad_output.movedim(channel_dim, -1)
-    flat = rows.reshape(-1, rows.shape[-1]).t().unsqueeze(0).expand(groups, -1, -1)  # (G, C_out, positions)
+    flat = _rows(rows)
+    positions, out_channels = flat.shape
+    flat = flat.t().unsqueeze(0).expand(groups, out_channels, positions)  # (G, C_out, positions)
     projected = apply_projection(B, M, flat)  # M is symmetric: M_j g = (g^T M_j)^T
-    projected = projected.reshape(-1, projected.shape[-1]).t()  # (positions, G * C_out)
-    return projected.reshape(*rows.shape[:-1], -1).movedim(-1, channel_dim)
+    projected = projected.reshape(groups * out_channels, positions).t()  # (positions, G * C_out)
+    return projected.reshape(*rows.shape[:-1], groups * out_channels).movedim(-1, channel_dim)
 
 
 def _distinct(grad_feedback, grad_weight):
@@ -234,8 +243,7 @@ def projected_linear_backward(grad_output, x, weight, B, M, Z, plan: Plan, need_
     M (1, C_out, C_out) or None. pieces: the kernels to use (default: these PyTorch ones).
     """
     pieces = pieces or TORCH_PIECES
-    x_rows = x.reshape(-1, x.shape[-1])
-    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    x_rows, grad_rows = _rows(x), _rows(grad_output)
     grad_x = grad_weight = grad_bias = grad_Z = None
     if need_weight or need_feedback:
         grad_weight = grad_rows.t().mm(x_rows)
@@ -271,6 +279,7 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
     if need_input and plan.input_order == "product":
         grad_x, correlation, grad_bias = conv_grads(
             grad_output, pieces.projected_feedback_product(B, M, Z, groups), 1, [True, want_correlation, need_bias])
+        correlation = correlation if want_correlation else None  # oneDNN may return it though masked out
     elif need_feedback:
         _, correlation, grad_bias = conv_grads(grad_output, Z, 1, [False, True, need_bias])
 
@@ -285,8 +294,9 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
     elif need_input and plan.input_order == "sequence":
         # conv_transpose(M g, Z): the groups' projected errors against Z's columns of each group.
         out_channels = Z.shape[0]
-        Z_grouped = Z.reshape(out_channels, groups, -1, *Z.shape[2:]).transpose(0, 1).reshape(
-            groups * out_channels, -1, *Z.shape[2:])
+        in_per_group = Z.shape[1] // groups
+        Z_grouped = Z.reshape(out_channels, groups, in_per_group, *Z.shape[2:]).transpose(0, 1).reshape(
+            groups * out_channels, in_per_group, *Z.shape[2:])
         grad_x, _, _ = conv_grads(projected_error(grad_output, B, M, groups, channel_dim=1), Z_grouped, groups,
                                   [True, False, False])
     grad_Z = None
@@ -300,8 +310,7 @@ def projected_conv_backward(grad_output, x, weight, B, M, Z, stride, padding, di
 
 def direct_linear_backward(grad_output, x, weight, feedback_weight, need_input, need_weight, need_bias):
     """Backpropagation with W_fb in dL/dx: (dL/dx, dL/dW, dL/db, None). feedback_weight has W's shape (C_out, C_in)."""
-    x_rows = x.reshape(-1, x.shape[-1])
-    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    x_rows, grad_rows = _rows(x), _rows(grad_output)
     grad_x = grad_rows.mm(feedback_weight).reshape(x.shape) if need_input else None
     grad_weight = grad_rows.t().mm(x_rows) if need_weight else None
     grad_bias = grad_rows.sum(0) if need_bias else None
