@@ -30,7 +30,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args(argv)
-    if "cpp" not in pk.planner.available_backends("cpu"):
+    if "cpp" not in pk.dispatch.available_backends("cpu"):
         raise SystemExit("the compiled extension is not built: run `make setup`")
     device = torch.device("cpu")
     print(f"{torch.get_num_threads()} threads; ratio = cpp time / torch time (median of {args.rounds} rounds)")

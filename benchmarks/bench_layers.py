@@ -67,7 +67,7 @@ def expand_impls(text: str) -> list[str]:
     impls = []
     for impl in text.split(","):
         if impl == "all":
-            backends = pk.planner.available_backends("cuda" if torch.cuda.is_available() else "cpu")
+            backends = pk.dispatch.available_backends("cuda" if torch.cuda.is_available() else "cpu")
             impls += [f"{p}-{s}-{b}" for p in ("explicit", "projected") for s in ("auto", "product", "sequence")
                       for b in backends]
         else:

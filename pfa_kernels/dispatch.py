@@ -106,45 +106,47 @@ _device_names: dict[int, str] = {}
 # ----------------------------------------------------------------------------- availability
 
 
-def available_backends(device_type: str) -> tuple[str, ...]:
-    """Backends that can run on tensors of this device type here (the PyTorch one always can).
+def available_backends(device_type: str, device=None) -> tuple[str, ...]:
+    """Backends that can run on tensors of this device type here (the PyTorch one always can); for CUDA, on
+    `device` (a torch.device or index; the current one by default).
 
-    "cpp" where pfa_kernels._C is built (with CUDA kernels for a CUDA device); "triton" on CUDA, and on CPU only
-    under Triton's interpreter, which "auto" never measures or picks.
+    "cpp" where pfa_kernels._C is built with device code this GPU runs (compute capability 8.0 or newer); "triton"
+    on CUDA, and on CPU only under Triton's interpreter, which "auto" never measures or picks.
     """
     from .backends import cpp as cpp_backend
     from .backends import triton as triton_backend
 
     available = ["torch"]
-    if cpp_backend.is_available(device_type):
+    if cpp_backend.is_available(device_type, device):
         available.append("cpp")
     if triton_backend.is_available(device_type):
         available.append("triton")
     return tuple(available)
 
 
-def _unavailable_reason(backend: str, device_type: str) -> str:
+def _unavailable_reason(backend: str, device_type: str, device=None) -> str:
     if backend == "triton":
         from .backends import triton as triton_backend
 
         return triton_backend.unavailable_reason(device_type)
     from .backends import cpp as cpp_backend
 
-    return cpp_backend.unavailable_reason(device_type)
+    return cpp_backend.unavailable_reason(device_type, device)
 
 
-def check_backend(backend, device_type: str, dtype: torch.dtype | None = None) -> str:
+def check_backend(backend, device_type: str, dtype: torch.dtype | None = None, device=None) -> str:
     """The backend a call runs with: "auto" (decided per backward by the rules above), or a named one, which must
-    be available for this device type and take this dtype (it is never swapped for another)."""
+    be available for this device type (and CUDA device) and take this dtype (it is never swapped for another)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
         return backend
-    available = available_backends(device_type)
+    available = available_backends(device_type, device)
     if backend not in available:
         raise RuntimeError(
             f"backend={backend!r} is not available for {device_type} tensors here: "
-            f"{_unavailable_reason(backend, device_type)} (available: {available}); use backend='auto' to pick one")
+            f"{_unavailable_reason(backend, device_type, device)} (available: {available}); use backend='auto' to "
+            f"pick one")
     if dtype is not None and not takes_dtype(backend, dtype):
         raise TypeError(f"backend={backend!r} takes float32, float16 or bfloat16 tensors; got {dtype} "
                         f"(use backend='torch' or 'auto' for it)")
@@ -156,12 +158,12 @@ def takes_dtype(backend: str, dtype: torch.dtype) -> bool:
     return backend != "triton" or dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def candidate_backends(device_type: str, dtype: torch.dtype, parametrization: str) -> tuple[str, ...]:
+def candidate_backends(device_type: str, dtype: torch.dtype, parametrization: str, device=None) -> tuple[str, ...]:
     """Backends "auto" measures for a call: available on a real device (never the Triton interpreter), taking the
     dtype, and computing something of their own (the compiled ops cover the explicit parametrization; elsewhere
     "cpp" would run PyTorch's code again)."""
     backends = []
-    for backend in available_backends(device_type):
+    for backend in available_backends(device_type, device):
         if backend == "triton" and device_type != "cuda":
             continue
         if backend == "cpp" and parametrization != "explicit":

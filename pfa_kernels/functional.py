@@ -112,7 +112,7 @@ def _linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
     if strategy == "reference":
         return reference.pfa_linear(x, weight, bias, B, feedback)
     x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
-    backend = dispatch.check_backend(backend, x.device.type, x.dtype)
+    backend = dispatch.check_backend(backend, x.device.type, x.dtype, x.device)
     return ops.linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
 
 
@@ -132,7 +132,7 @@ def _conv(spatial_dims, x, weight, bias, B, M, feedback, parametrization, stride
         y = reference.pfa_conv(x, weight, bias, B, feedback, stride, padding, dilation, groups)
     else:
         x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
-        backend = dispatch.check_backend(backend, x.device.type, x.dtype)
+        backend = dispatch.check_backend(backend, x.device.type, x.dtype, x.device)
         y = ops.conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
                      backend)
     return y.squeeze(0) if unbatched else y

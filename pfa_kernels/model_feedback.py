@@ -3,8 +3,9 @@
     weights = pk.feedback_weights(model)     # {layer name: W_fb (W's shape; dense if groups > 1)}
 
 With the Triton backend, every layer's (and every group's) product B_j·R_j or M_j·Z_j is one tile range of
-a single grouped-GEMM launch (plus one more launch for projected layers that apply M through B). Other
-backends form them layer by layer. For metrics, checks, or a training loop that wants all W_fb at once.
+a single grouped-GEMM launch (plus one more launch for projected layers that apply M through B), whose tables
+reach the GPU in a copy that does not block the host. Other backends form them layer by layer. For metrics,
+checks, or a training loop that wants all W_fb at once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import planner
+from . import dispatch
 from .nn import PFA_LAYERS
 
 
@@ -23,13 +24,16 @@ def feedback_weights(model: nn.Module, backend: str = "auto") -> dict[str, torch
     if not layers:
         return {}
     device = next(iter(layers.values())).weight.device
-    backend = planner.resolve_backend(backend, device.type)
+    # "auto" forms the products layer by layer in PyTorch (the static rule: nothing here has been measured);
+    # a named backend must be available and take the dtype (float64: not Triton).
+    backend = dispatch.check_backend(backend, device.type, next(iter(layers.values())).weight.dtype, device)
     if backend != "triton":
         return {name: layer.feedback_weight() for name, layer in layers.items()}
     fixed = {name: layer.feedback_weight() for name, layer in layers.items() if layer.rule != "pfa"}
     layers = {name: layer for name, layer in layers.items() if layer.rule == "pfa"}
     if not layers:
         return fixed
+    from .backends.triton import grouped_matmul as _grouped_matmul  # noqa: F401  (registers the op)
     from .backends.triton.pieces import B_by_group, columns_by_group
 
     lefts, rights, slots, inner_slots = [], [], [], []

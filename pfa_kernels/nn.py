@@ -90,7 +90,7 @@ class _PFAMixin:
             weight = torch.empty(self.weight.shape)
             output_shape = self._meta_forward(x, weight).shape
         device, dtype = self.weight.device, self.weight.dtype
-        backend = dispatch.check_backend(self.backend, device.type, dtype)
+        backend = dispatch.check_backend(self.backend, device.type, dtype, device)
         strategy = "auto" if self.strategy == "reference" else self.strategy
         groups = getattr(self, "groups", 1)
         feedback_parameter = self.feedback.parameter

@@ -88,7 +88,8 @@ def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrizati
                        None if B is None else B.shape, M is not None, feedback.shape, conv, parametrization, strategy,
                        output_mask)
     if dispatch.cached(key) is None and dispatch.mode() == "measure":
-        backends = dispatch.candidate_backends(grad_output.device.type, grad_output.dtype, parametrization)
+        backends = dispatch.candidate_backends(grad_output.device.type, grad_output.dtype, parametrization,
+                                                grad_output.device)
         candidates = [plan_backward(*plan_args, name, **plan_kwargs, orders=pair)
                       for name in backends for pair in dispatch.order_pairs(reference, strategy)]
     else:

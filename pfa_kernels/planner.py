@@ -37,7 +37,6 @@ import math
 from dataclasses import dataclass, field
 
 STRATEGIES = ("auto", "product", "sequence", "reference")
-BACKENDS = ("auto", "torch", "triton", "cpp")
 ORDERS = ("product", "sequence")
 
 
@@ -155,55 +154,6 @@ def check_strategy(strategy) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
     return strategy
-
-
-def available_backends(device_type: str) -> tuple[str, ...]:
-    """Backends that can run on tensors of this device type, in the order "auto" prefers them.
-
-    The pure-PyTorch backend runs everywhere and is "auto"'s choice on CPU. The compiled backend ("cpp") runs
-    where pfa_kernels._C is built (CUDA too if built with it). Triton runs on CUDA (preferred there) and on
-    CPU only under its interpreter, which "auto" never picks.
-    """
-    from .backends import cpp as cpp_backend
-    from .backends import triton as triton_backend
-
-    available = ["torch"]
-    if cpp_backend.is_available(device_type):
-        available.append("cpp")
-    if triton_backend.is_available(device_type):
-        available.insert(0 if device_type == "cuda" else len(available), "triton")
-    return tuple(available)
-
-
-def _unavailable_reason(backend: str, device_type: str) -> str:
-    if backend == "triton":
-        from .backends import triton as triton_backend
-
-        return triton_backend.unavailable_reason(device_type)
-    from .backends import cpp as cpp_backend
-
-    return cpp_backend.unavailable_reason(device_type)
-
-
-def resolve_backend(backend, device_type: str) -> str:
-    """The concrete backend for a call. "auto" picks the first available; a named one must exist."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    available = available_backends(device_type)
-    if backend == "auto":
-        return available[0]
-    if backend not in available:
-        raise RuntimeError(
-            f"backend={backend!r} is not available for {device_type} tensors here: "
-            f"{_unavailable_reason(backend, device_type)} (available: {available}); use backend='auto' to pick one")
-    return backend
-
-
-def check_backend_dtype(backend: str, dtype) -> None:
-    """The Triton kernels take float32, float16 and bfloat16 (fp32 accumulation)."""
-    if backend == "triton" and str(dtype).replace("torch.", "") not in ("float32", "float16", "bfloat16"):
-        raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 tensors; got {dtype} "
-                        f"(use backend='torch' for it)")
 
 
 def triton_fuses_sequence(spatial_dims: int, groups: int, parametrization: str, keeps_projection_matrix: bool) -> bool:

@@ -18,7 +18,7 @@ from pfa_kernels.backends import cpp
 
 def test_extension_is_built():
     assert cpp.LOAD_ERROR is None, f"the extension did not load: {cpp.LOAD_ERROR} (make setup builds it)"
-    assert pk.planner.available_backends("cpu") == ("torch", "cpp")
+    assert pk.dispatch.available_backends("cpu") == ("torch", "cpp")
 
 
 def _samples():
@@ -100,7 +100,7 @@ def test_package_imports_without_the_extension():
         "real = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda name, *a: None if name == 'pfa_kernels._C' else real(name, *a)\n"
         "import torch, pfa_kernels as pk\n"
-        "assert pk.planner.available_backends('cpu') == ('torch',)\n"
+        "assert pk.dispatch.available_backends('cpu') == ('torch',)\n"
         "pk.PFALinear(3, 2)(torch.randn(4, 3))\n"
         "try:\n"
         "    pk.PFALinear(3, 2, backend='cpp')(torch.randn(4, 3))\n"

@@ -47,13 +47,13 @@ def test_availability_tells_the_truth_for_each_gpu(monkeypatch, capability):
     assert (reason == "") == available
     if not available:
         assert f"compute capability {capability[0]}.{capability[1]}" in reason and "8.0 or newer" in reason
-    assert ("cpp" in pk.planner.available_backends("cuda")) == available
+    assert ("cpp" in pk.dispatch.available_backends("cuda")) == available
 
 
-def test_planner_error_names_the_capability(monkeypatch):
+def test_dispatch_error_names_the_capability(monkeypatch):
     _play_gpus(monkeypatch, [(7, 5)])
     with pytest.raises(RuntimeError, match=r"compute capability 7\.5"):
-        pk.planner.resolve_backend("cpp", "cuda")
+        pk.dispatch.check_backend("cpp", "cuda")
 
 
 @pytest.mark.parametrize("capability", sorted(EXPECTED))

@@ -272,7 +272,7 @@ def test_a_wrong_compiled_kernel_is_rejected_and_the_layer_stays_exact(monkeypat
 def test_auto_measures_only_backends_that_take_the_dtype(monkeypatch):
     """float64 on a GPU: "auto" never measures (or picks) Triton, which takes fp32/fp16/bf16; a named Triton backend
     raises naming the dtype. Projected and fixed-feedback layers measure only what computes something different."""
-    monkeypatch.setattr(dispatch, "available_backends", lambda device_type: ("torch", "cpp", "triton"))
+    monkeypatch.setattr(dispatch, "available_backends", lambda device_type, device=None: ("torch", "cpp", "triton"))
     assert dispatch.candidate_backends("cuda", torch.float64, "explicit") == ("torch", "cpp")
     assert dispatch.candidate_backends("cuda", torch.bfloat16, "explicit") == ("torch", "cpp", "triton")
     assert dispatch.candidate_backends("cuda", torch.float32, "projected") == ("torch", "triton")
@@ -295,3 +295,16 @@ def test_auto_on_cuda_float64_and_low_precision_run_and_agree():
         assert not row["rejected"], row
         if row["key"]["dtype"] == "float64":
             assert all(not name.startswith("triton") for name in row["candidates"])
+
+
+def test_feedback_weights_auto_takes_every_dtype(monkeypatch):
+    """pk.feedback_weights(model) in float64 with Triton available: "auto" forms the products in PyTorch (it used to
+    resolve to Triton and raise); backend="triton" raises naming the dtype."""
+    monkeypatch.setattr(dispatch, "available_backends", lambda device_type, device=None: ("torch", "cpp", "triton"))
+    model = torch.nn.Sequential(pk.PFAConv2d(2, 3, 3, dtype=torch.float64), pk.PFALinear(4, 5, dtype=torch.float64))
+    weights = pk.feedback_weights(model)
+    assert set(weights) == {"0", "1"}
+    for name, layer in model.named_children():
+        assert torch.equal(weights[name], layer.feedback_weight())
+    with pytest.raises(TypeError, match="backend='triton' takes float32, float16 or bfloat16 tensors; got torch.float"):
+        pk.feedback_weights(model, backend="triton")

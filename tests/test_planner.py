@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pfa_kernels import planner
+from pfa_kernels import dispatch, planner
 
 
 def _shape(P, C_out, C_mid, K, G=1):
@@ -51,12 +51,12 @@ def test_forced_strategies_and_missing_gradients():
 
 
 def test_backend_resolution():
-    assert planner.resolve_backend("auto", "cpu") == "torch"
-    assert planner.resolve_backend("torch", "cuda") == "torch"
+    assert dispatch.check_backend("auto", "cpu") == "auto"
+    assert dispatch.check_backend("torch", "cuda") == "torch"
     with pytest.raises(RuntimeError, match="backend='triton' is not available"):
-        planner.resolve_backend("triton", "cpu")
+        dispatch.check_backend("triton", "cpu")
     with pytest.raises(ValueError, match="backend must be one of"):
-        planner.resolve_backend("numpy", "cpu")
+        dispatch.check_backend("numpy", "cpu")
     with pytest.raises(ValueError, match="strategy must be one of"):
         planner.check_strategy("fast")
 

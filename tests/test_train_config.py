@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pfa_kernels import planner
+from pfa_kernels import dispatch
 from pfa_kernels.train import config as train_config
 from pfa_kernels.train.config import ConfigError
 
@@ -75,7 +75,7 @@ def test_check_validates_a_config_dict():
 def test_rule_choices_match_the_library():
     convert = importlib.import_module("pfa_kernels.convert")  # pk.convert is the function
     assert set(train_config.DEFAULTS["rule.mode"][1].options) == {"bp", *convert.MODES}
-    assert set(train_config.DEFAULTS["rule.backend"][1].options) == set(planner.BACKENDS)
+    assert set(train_config.DEFAULTS["rule.backend"][1].options) == set(dispatch.BACKENDS)
 
 
 def test_help_lists_types():

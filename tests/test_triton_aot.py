@@ -64,7 +64,7 @@ def test_fence_patterns_match_what_acq_rel_atomics_compile_to():
 
 
 def test_triton_backend_on_cpu_without_the_interpreter_raises():
-    assert "triton" not in pk.planner.available_backends("cpu")
+    assert "triton" not in pk.dispatch.available_backends("cpu")
     layer = pk.PFALinear(4, 3, backend="triton")
     with pytest.raises(RuntimeError, match="backend='triton' is not available.*TRITON_INTERPRET=1"):
         layer(torch.randn(2, 4))

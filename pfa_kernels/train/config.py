@@ -21,7 +21,7 @@ __all__ = ["CONFIG_DIR", "DEFAULTS", "ConfigError", "check", "describe", "load",
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# The layers' backends (pfa_kernels.planner.BACKENDS) and pk.convert's modes; tests keep these in step.
+# The layers' backends (pfa_kernels.dispatch.BACKENDS) and pk.convert's modes; tests keep these in step.
 BACKENDS = ("auto", "torch", "triton", "cpp")
 MODES = ("bp", "pfa", "pfa-o", "kp", "fa", "dfa", "usf", "frsf", "brsf")
 
