@@ -1,4 +1,4 @@
-"""Baseline credit-assignment rules with a fixed (not learned) feedback weight, beside PFA (DESIGN.md §3).
+"""Baseline credit-assignment rules with a fixed (not learned) feedback weight, beside PFA (docs/design.md §3).
 
 Each is backpropagation's backward with W replaced by a feedback weight W_fb of W's shape in dL/dx;
 W learns from its ordinary gradient and nothing else learns:

@@ -1,8 +1,8 @@
 """Feedback parametrisations: how a layer forms its feedback weight W_fb and how that learns.
 
-PFAFeedback is PFA with a feedback population (DESIGN.md section 1): a fixed random B (C_out, C_mid)
+PFAFeedback is PFA with a feedback population (docs/design.md §1): a fixed random B (C_out, C_mid)
 and a learned R (C_mid, C_in/groups, *kernel), with W_fb = B·R. It holds that state in one of two
-parametrizations (DESIGN.md section 2.4):
+parametrizations (docs/design.md §2.4):
 
     "explicit"   R itself, a Parameter.
     "projected"  Z, a Parameter of W's shape (dense (C_out, C_in, *kernel) if groups > 1), with

@@ -4,7 +4,7 @@
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     pk.check_optimizer(optimizer, model)               # raises for Adam & co. on a projected Z
 
-Why only some optimizers (DESIGN.md section 2.4): with R = B^T Z + N, an update of R that is linear
+Why only some optimizers (docs/design.md §2.4): with R = B^T Z + N, an update of R that is linear
 in its gradient B^T dL/dW and in R itself is B^T times the same update of Z, so B·R = M·Z holds after
 every step. SGD (momentum, dampening, Nesterov, weight decay, any lr schedule) and ASGD are linear, and so is a
 subclass of them that keeps their step.
