@@ -157,9 +157,10 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
     monkeypatch.setattr(launch, "wrap_triton", checking_wrap_triton)
     cpu = torch.device("cpu")
     torch.ops.pfa_kernels.triton_grouped_matmul([torch.randn(3, 4)], [torch.randn(4, 5)])
+    torch.ops.pfa_kernels.triton_batched_matmul(torch.randn(2, 3, 4), torch.randn(2, 4, 5))
     torch.ops.pfa_kernels.triton_sequence_input_grad(torch.randn(2, 3), torch.randn(3, 4), torch.randn(4, 5),
                                                      [2, 5], [], [], [])
-    assert launched == [[cpu], [cpu]]
+    assert launched == [[cpu], [cpu], [cpu]]
 
 
 def test_device_guard_selects_a_cuda_tensors_device():
@@ -208,3 +209,157 @@ def test_fused_sequence_kernel_alerts_under_deterministic_algorithms():
             pk.PFALinear(6, 5, expand_ratio=2, backend="triton", strategy="sequence")(x).sum().backward()
         pk.PFALinear(6, 5, expand_ratio=2, backend="triton", strategy="product")(x).sum().backward()
     assert x.grad is not None
+
+
+def _bmm_operands(case, dtype):
+    """(left (G, M, K), right (G, K, N)) for a batched_matmul case: odd sizes that cross the interpreter's 64x64x32
+    tile (M = 70, N = 66, K = 75), transposed and sliced views, expanded (zero-stride) operands, K = 0, empty."""
+    G, M, K, N = 3, 70, 75, 66
+    if case == "contiguous":
+        return torch.randn(G, M, K), torch.randn(G, K, N)
+    if case == "small-odd":
+        return torch.randn(2, 5, 7), torch.randn(2, 7, 3)
+    if case == "transposed":  # left (G, M, K) with strides (1, G * K, G), right with the group stride innermost
+        return torch.randn(M, K, G).permute(2, 0, 1), torch.randn(N, K, G).permute(2, 1, 0)
+    if case == "sliced":  # every other row of a larger tensor, a column offset, a group step of 2
+        return torch.randn(2 * G, 2 * M, K + 3)[::2, ::2, 3:], torch.randn(G, K + 1, N + 5)[:, 1:, 2:-3]
+    if case == "expanded":  # the same left for every group (group stride 0), right constant along N (stride 0)
+        return torch.randn(1, M, K).expand(G, M, K), torch.randn(G, K, 1).expand(G, K, N)
+    if case == "K=0":
+        return torch.randn(G, M, 0), torch.randn(G, 0, N)
+    if case == "G=0":
+        return torch.randn(0, M, K), torch.randn(0, K, N)
+    if case == "M=0":
+        return torch.randn(G, 0, K), torch.randn(G, K, N)
+    assert case == "N=0"
+    return torch.randn(G, M, K), torch.randn(G, K, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["contiguous", "small-odd", "transposed", "sliced", "expanded", "K=0", "G=0", "M=0",
+                                  "N=0"])
+def test_batched_matmul_matches_bmm(case, dtype):
+    """out[g] = left[g] @ right[g] against torch.bmm in float64 (fp32: 1e-5; fp16/bf16: within 3x of torch.bmm in
+    that dtype), any strides; empty products are empty or (K = 0) zero, contiguous, in the operands' dtype."""
+    left, right = (t.to(dtype) for t in _bmm_operands(case, dtype))
+    out = torch.ops.pfa_kernels.triton_batched_matmul(left, right)
+    assert out.dtype == dtype and out.shape == (left.shape[0], left.shape[1], right.shape[2]) and out.is_contiguous()
+    exact = torch.bmm(left.double(), right.double())
+    if exact.numel() == 0 or left.shape[2] == 0:
+        assert torch.equal(out.double(), exact), case
+        return
+    _check_low_precision(out, torch.bmm(left, right), exact, dtype, case)
+
+
+def test_batched_matmul_rejects_bad_arguments():
+    bmm = torch.ops.pfa_kernels.triton_batched_matmul
+    with pytest.raises(ValueError, match="are not"):
+        bmm(torch.randn(3, 4), torch.randn(4, 5))                   # 2-d
+    with pytest.raises(ValueError, match="are not"):
+        bmm(torch.randn(2, 3, 4), torch.randn(3, 4, 5))             # group counts differ
+    with pytest.raises(ValueError, match="are not"):
+        bmm(torch.randn(2, 3, 4), torch.randn(2, 5, 6))             # inner sizes differ
+    with pytest.raises(ValueError, match="share dtype"):
+        bmm(torch.randn(2, 3, 4), torch.randn(2, 4, 5).half())
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        bmm(torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        bmm(torch.ones(2, 3, 4, dtype=torch.int32), torch.ones(2, 4, 5, dtype=torch.int32))
+
+
+NO_TABLE_LAYERS = {  # product order: W_fb = B·R or M·Z and dL/dR = B^T·C (dL/dZ = M·C) go through the Pieces
+    "linear-explicit": lambda **kw: pk.PFALinear(6, 5, expand_ratio=4, **kw),
+    "linear-projected": lambda **kw: pk.PFALinear(6, 5, expand_ratio=4, parametrization="projected", **kw),
+    "conv2d-explicit": lambda **kw: pk.PFAConv2d(4, 6, 3, padding=1, expand_ratio=3, **kw),
+    "conv2d-projected": lambda **kw: pk.PFAConv2d(4, 6, 3, padding=1, expand_ratio=3, parametrization="projected",
+                                                  **kw),
+    "conv2d-groups2-explicit": lambda **kw: pk.PFAConv2d(4, 6, 3, padding=1, groups=2, expand_ratio=2, **kw),
+    "conv2d-groups2-projected": lambda **kw: pk.PFAConv2d(4, 6, 3, padding=1, groups=2, expand_ratio=2,
+                                                          parametrization="projected", **kw),  # keeps M: M_j Z_j
+    "conv2d-groups4-projected": lambda **kw: pk.PFAConv2d(8, 8, 3, padding=1, groups=4, expand_ratio=1,
+                                                          parametrization="projected", **kw),  # B_j (B_j^T Z_j)
+}
+
+
+@pytest.mark.parametrize("name", sorted(NO_TABLE_LAYERS))
+def test_layer_backward_launches_only_strided_batched_gemms(name, monkeypatch):
+    """A layer's backward (product order: W_fb = B·R or M·Z, dL/dR = B^T·C) forms its products with the strided
+    batched GEMM: no pointer table is built (so nothing is copied host-to-device before a launch) and the only
+    tensors a launch receives are the op's own left, right and out (views of B, R, M, Z, the correlation)."""
+    from pfa_kernels.backends.triton import batched_matmul, grouped_matmul
+
+    def no_table(*args, **kwargs):
+        raise AssertionError("a layer's backward built a table on the host")
+
+    calls, launches = [], []
+    real_op, real_launch = torch.ops.pfa_kernels.triton_batched_matmul, batched_matmul.launch
+
+    def recording_op(left, right):
+        out = real_op(left, right)
+        calls.append((left, right, out))
+        return out
+
+    def recording_launch(kernel, grid, device, *args, **kwargs):
+        launches.append(args)
+        return real_launch(kernel, grid, device, *args, **kwargs)
+
+    monkeypatch.setattr(grouped_matmul, "_launch_tables", no_table)
+    monkeypatch.setattr(grouped_matmul, "launch", no_table)
+    monkeypatch.setattr(torch.ops.pfa_kernels, "triton_batched_matmul", recording_op)
+    monkeypatch.setattr(batched_matmul, "launch", recording_launch)
+
+    layer = NO_TABLE_LAYERS[name](backend="triton", strategy="product")
+    x = torch.randn(3, 6) if name.startswith("linear") else torch.randn(2, layer.in_channels, 5, 4)
+    assert layer.backward_plan(x.shape).backend == "triton"
+    if name.endswith("projected"):
+        assert (layer.feedback.M is None) == (name == "conv2d-groups4-projected")
+    assert_matches_reference(layer, x, 1e-5)
+    assert calls and len(launches) == len(calls), (len(calls), len(launches))
+    launched = len(calls)
+    output = layer(x.requires_grad_(True))
+    with monkeypatch.context() as patch:  # a table made on the host in the backward would come from torch.tensor
+        patch.setattr(torch, "tensor", no_table)
+        output.backward(torch.randn_like(output))
+    assert len(calls) > launched
+    described = lambda t: (t.data_ptr(), tuple(t.shape), t.stride())  # noqa: E731
+    for operands, args in zip(calls, launches, strict=True):
+        tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+        assert [described(t) for t in tensors] == [described(t) for t in operands]
+        assert all(isinstance(arg, torch.Tensor) for arg in args[:3])  # left, right, out; then sizes and strides
+        assert all(isinstance(arg, int) for arg in args[3:])
+
+
+@pytest.mark.parametrize("products", [1, 2, 3])
+def test_grouped_matmul_tables_share_one_buffer_with_aligned_starts(products, monkeypatch):
+    """_launch_tables makes one tensor (one host-to-device copy on a GPU) holding the six tables, each starting on
+    a 16-byte boundary whatever the number of products (odd counts are padded), with the right contents."""
+    from pfa_kernels.backends.triton import grouped_matmul
+
+    made = []
+    real_tensor = torch.tensor
+
+    def counting_tensor(*args, **kwargs):
+        made.append(args)
+        return real_tensor(*args, **kwargs)
+
+    shapes = [(5, 7, 11), (33, 19, 70), (1, 3, 2)][:products]
+    lefts = [torch.randn(m, k) for m, k, _ in shapes]
+    rights = [torch.randn(n, k).t() for _, k, n in shapes]
+    outs = [torch.empty(m, n) for m, _, n in shapes]
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+    pointers, sizes, strides, tile_starts, tiles = grouped_matmul._launch_tables(lefts, rights, outs, 16, 16,
+                                                                                 torch.device("cpu"))
+    monkeypatch.undo()
+    assert len(made) == 1
+    tables = [*pointers, sizes, strides, tile_starts]
+    base = tables[0].untyped_storage().data_ptr()
+    for table in tables:
+        assert table.dtype == torch.int64 and table.untyped_storage().data_ptr() == base
+        assert table.data_ptr() % 16 == 0, (table.data_ptr() - base)
+    for table, tensors in zip(pointers, (lefts, rights, outs), strict=True):
+        assert table.tolist() == [t.data_ptr() for t in tensors]
+    assert sizes.tolist() == [size for m, k, n in shapes for size in (m, n, k)]
+    assert strides.tolist() == [s for left, right, out in zip(lefts, rights, outs, strict=True)
+                                for s in (*left.stride(), *right.stride(), *out.stride())]
+    tile_counts = [-(-m // 16) * -(-n // 16) for m, _, n in shapes]
+    assert tile_starts.tolist() == [sum(tile_counts[:i]) for i in range(products)] and tiles == sum(tile_counts)

@@ -39,7 +39,7 @@ def unavailable_reason(device_type: str) -> str:
 def register_ops() -> None:
     """Define the pfa_kernels::triton_* ops. Deferred because torch.library.triton_op imports torch._inductor
     (about 1.3 s of `import pfa_kernels` on this machine): done at import only where the kernels can run."""
-    from . import grouped_matmul, sequence_backward  # noqa: F401
+    from . import batched_matmul, grouped_matmul, sequence_backward  # noqa: F401
 
 
 if importlib.util.find_spec("triton") is not None and (INTERPRETER or is_available("cuda")):

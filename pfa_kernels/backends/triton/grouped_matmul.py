@@ -1,11 +1,12 @@
-"""Grouped GEMM: many independent products out_i = left_i @ right_i in one launch.
+"""Grouped GEMM: many independent products out_i = left_i @ right_i of unrelated shapes in one launch.
 
-This is how the feedback products of a whole model are formed at once: W_fb = B·R (explicit), M·Z
-(projected) and B^T·dL/dW for every PFA layer (and every group of a grouped layer), instead of one
-small GEMM launch per layer. Each program computes one BLOCK_M x BLOCK_N tile of one product; the
-tiles of all products are numbered consecutively and a program finds its product from the table of
-first-tile indices. Operands may be strided views (B^T is B with swapped strides: no copy).
-"""
+This is how pk.feedback_weights (model_feedback.py) forms the feedback products of a whole model at once:
+W_fb = B·R (explicit) or M·Z (projected) for every PFA layer and every group of a grouped layer, instead of
+one small GEMM launch per layer. (A layer's own backward uses batched_matmul.py: its groups are strided views of
+one tensor and need no table.) Each program computes one BLOCK_M x BLOCK_N tile of one product; the tiles of
+all products are numbered consecutively and a program finds its product from the table of first-tile indices.
+Operands may be strided views (B^T is B with swapped strides: no copy). The tables of pointers, sizes and
+strides go to the device in one copy from pinned host memory that does not block the host."""
 
 from __future__ import annotations
 
@@ -74,15 +75,32 @@ def _grouped_matmul_fwd_kernel(left_ptrs, right_ptrs, out_ptrs, sizes_ptr, strid
 
 
 def _launch_tables(lefts, rights, outs, block_m, block_n, device):
+    """The kernel's six int64 tables (pointers of lefts, rights and outs; sizes (M, N, K) and strides per product;
+    first tile per product) as views of one tensor on `device`, and the number of tiles.
+
+    One host-to-device copy, from pinned memory with non_blocking=True: the host does not wait for the GPU. (A
+    torch.tensor(..., device="cuda") per table was six blocking copies per call.) The pinned buffer may go out
+    of scope at once: PyTorch's caching host allocator records the copy on the current stream and reuses the
+    block only after it has completed. Each table starts on a 16-byte boundary, so that Triton sees the same
+    pointer alignment (and compiles the same specialization) whatever the number of products.
+    """
     sizes, strides, tile_starts, tiles = [], [], [], 0
     for left, right, out in zip(lefts, rights, outs, strict=True):
         tile_starts.append(tiles)
         tiles += triton.cdiv(left.shape[0], block_m) * triton.cdiv(right.shape[1], block_n)
         sizes += [left.shape[0], right.shape[1], left.shape[1]]
         strides += [*left.stride(), *right.stride(), *out.stride()]
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
-    pointers = [as_tensor([t.data_ptr() for t in tensors]) for tensors in (lefts, rights, outs)]
-    return pointers, as_tensor(sizes), as_tensor(strides), as_tensor(tile_starts), tiles
+    tables = [[t.data_ptr() for t in tensors] for tensors in (lefts, rights, outs)] + [sizes, strides, tile_starts]
+    values, bounds = [], []
+    for table in tables:
+        bounds.append((len(values), len(values) + len(table)))
+        values += table + [0] * (len(table) % 2)  # int64 entries: an even count keeps 16-byte alignment
+    on_gpu = device.type == "cuda"
+    flat = torch.tensor(values, dtype=torch.int64, pin_memory=on_gpu)
+    if on_gpu:
+        flat = flat.to(device, non_blocking=True)
+    left_ptrs, right_ptrs, out_ptrs, sizes, strides, tile_starts = (flat[start:end] for start, end in bounds)
+    return (left_ptrs, right_ptrs, out_ptrs), sizes, strides, tile_starts, tiles
 
 
 @torch.library.triton_op("pfa_kernels::triton_grouped_matmul", mutates_args=())
