@@ -70,6 +70,18 @@ class _PFAMixin:
         if hasattr(self, "feedback"):  # nn's constructor calls this before the feedback exists
             self.feedback.reset_parameters()
 
+    def _needs_pfa_backward(self, x: torch.Tensor) -> bool:
+        """Whether a backward of this call can reach the PFA op: the input gradient (fed back through W_fb) or the
+        feedback's own. Without either (eval, torch.no_grad(), a frozen first layer) the layer runs nn's forward:
+        identical outputs, and a weight gradient that is BP's by definition, without the op's per-call cost.
+        brsf always takes the op: its forward draws the batch's feedback magnitudes."""
+        if self.rule == "brsf":
+            return True
+        if not torch.is_grad_enabled():
+            return False
+        feedback_parameter = self.feedback.parameter
+        return x.requires_grad or (feedback_parameter is not None and feedback_parameter.requires_grad)
+
     def _feedback_extra_repr(self) -> str:
         if self.rule != "pfa":
             return f", rule={self.rule!r}, backend={self.backend!r}"
@@ -163,6 +175,8 @@ class PFALinear(_PFAMixin, nn.Linear):
                             strategy, backend, feedback_seed, device, dtype, rule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._needs_pfa_backward(x):
+            return F.linear(x, self.weight, self.bias)
         return functional._linear(x, self.weight, self.bias, *self._feedback_arguments(), self.strategy, self.backend)
 
     def _meta_forward(self, x, weight):
@@ -192,6 +206,8 @@ class _PFAConvNd(_PFAMixin):
         return pads, [0] * self._spatial_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._needs_pfa_backward(x):
+            return self._conv_forward(x, self.weight, self.bias)  # nn's own forward (every padding mode)
         pads, padding = self._op_padding()
         if pads is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode

@@ -371,3 +371,43 @@ def test_second_order_gradients_raise(layer_kind, parametrization):
     with pytest.raises(RuntimeError, match=r"second-order gradients are not supported by PFA layers.*weight "
                                            + re.escape(str(tuple(layer.weight.shape)))):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "conv"])
+def test_forward_without_a_pfa_gradient_is_nn_forward(monkeypatch, layer_kind):
+    """Under no_grad, or when neither x nor the feedback needs a gradient (a frozen first layer), the layer runs nn's
+    forward, not the op: same outputs, and dL/dW is BP's. With x requiring grad it takes the op."""
+    from pfa_kernels import functional
+
+    calls = []
+    for name in ("_linear", "_conv"):
+        original = getattr(functional, name)
+        monkeypatch.setattr(functional, name, lambda *args, _original=original, **kwargs: (
+            calls.append(1), _original(*args, **kwargs))[1])
+    if layer_kind == "linear":
+        layer, x = pk.PFALinear(5, 3), torch.randn(2, 5)
+        reference = nn.Linear(5, 3)
+    else:
+        layer, x = pk.PFAConv2d(2, 3, 3, padding=1, padding_mode="reflect"), torch.randn(2, 2, 5, 5)
+        reference = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    reference.load_state_dict({"weight": layer.weight, "bias": layer.bias})
+    with torch.no_grad():
+        assert torch.equal(layer(x), reference(x))
+    assert calls == []
+    layer.feedback.parameter.requires_grad_(False)
+    layer(x).sum().backward()
+    reference(x).sum().backward()
+    assert calls == [] and torch.equal(layer.weight.grad, reference.weight.grad)
+    layer(x.requires_grad_(True))
+    assert calls == [1]
+
+
+def test_brsf_draws_its_feedback_on_every_forward():
+    """brsf's forward draws the batch's feedback magnitudes, with or without a gradient."""
+    layer = pk.PFALinear(5, 3, rule="brsf")
+    with torch.no_grad():
+        layer(torch.randn(2, 5))
+    first = layer.feedback.last_feedback_weight.clone()
+    with torch.no_grad():
+        layer(torch.randn(2, 5))
+    assert not torch.equal(first, layer.feedback.last_feedback_weight)
