@@ -168,6 +168,8 @@ Grads conv_backward(const at::Tensor& grad_output, const at::Tensor& x, const at
     const bool want_correlation = feedback_by_product || (groups == 1 && need_w);
     std::tie(grad_x, correlation, grad_b) =
         conv_grads(grad_output, feedback_product(B, R, groups), 1, {true, want_correlation, need_b});
+    // oneDNN may return a weight gradient that the mask left out: the mask says what was asked for, not the result.
+    if (!want_correlation) correlation = at::Tensor();
   } else if (feedback_by_product) {
     std::vector<int64_t> dense_shape(weight.sizes().begin(), weight.sizes().end());
     dense_shape[1] *= groups;
