@@ -113,7 +113,7 @@ def _linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
         return reference.pfa_linear(x, weight, bias, B, feedback)
     x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
     backend = dispatch.check_backend(backend, x.device.type, x.dtype, x.device)
-    return ops.linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
+    return ops.apply_linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
 
 
 def _conv(spatial_dims, x, weight, bias, B, M, feedback, parametrization, stride, padding, dilation, groups, strategy,
@@ -133,8 +133,8 @@ def _conv(spatial_dims, x, weight, bias, B, M, feedback, parametrization, stride
     else:
         x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
         backend = dispatch.check_backend(backend, x.device.type, x.dtype, x.device)
-        y = ops.conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
-                     backend)
+        y = ops.apply_conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization,
+                           strategy, backend)
     return y.squeeze(0) if unbatched else y
 
 

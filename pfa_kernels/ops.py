@@ -198,8 +198,7 @@ def _linear_fake(x, weight, bias, B, M, feedback, parametrization, strategy, bac
     return F.linear(x, weight, bias)
 
 
-@torch.library.custom_op("pfa_kernels::linear_backward", mutates_args=())
-def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor | None,
+def _linear_backward_impl(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor | None,
                     M: torch.Tensor | None, feedback: torch.Tensor, parametrization: str, strategy: str, backend: str,
                     output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """PFA linear backward: (dL/dx, dL/dW, dL/db, dL/dfeedback); grad_output (..., C_out), others as in `linear`."""
@@ -226,6 +225,9 @@ def linear_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Te
         return empty
     return _dispatched(grad_output, weight, B, M, feedback, (), 1, parametrization, strategy, backend, output_mask,
                        execute)
+
+
+linear_backward = torch.library.custom_op("pfa_kernels::linear_backward", mutates_args=())(_linear_backward_impl)
 
 
 @linear_backward.register_fake
@@ -274,8 +276,7 @@ def _conv_fake(x, weight, bias, B, M, feedback, stride, padding, dilation, group
     return _CONV_BY_SPATIAL_DIMS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("pfa_kernels::conv_backward", mutates_args=())
-def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor | None,
+def _conv_backward_impl(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, B: torch.Tensor | None,
                   M: torch.Tensor | None, feedback: torch.Tensor, stride: list[int], padding: list[int],
                   dilation: list[int], groups: int, parametrization: str, strategy: str, backend: str,
                   output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -307,6 +308,9 @@ def conv_backward(grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                        parametrization, strategy, backend, output_mask, execute)
 
 
+conv_backward = torch.library.custom_op("pfa_kernels::conv_backward", mutates_args=())(_conv_backward_impl)
+
+
 @conv_backward.register_fake
 def _conv_backward_fake(grad_output, x, weight, B, M, feedback, stride, padding, dilation, groups, parametrization,
                         strategy, backend, output_mask):
@@ -331,6 +335,76 @@ def _conv_autograd_backward(ctx, grad_output):
 conv.register_autograd(_conv_autograd_backward, setup_context=_conv_setup_context)
 _backward, _setup = _refuse_second_order("convolution", weight_index=2)
 conv_backward.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- eager calls
+
+
+class _EagerLinear(torch.autograd.Function):
+    """pfa_kernels::linear's forward, saved tensors and backward implementation without torch.library's dispatch,
+    which costs about 150 us of Python per layer call on this CPU (a 64x64 layer's whole forward and backward take
+    about 100 us in nn). For eager calls on plain tensors; torch.compile, export and tensor subclasses take the op.
+    With create_graph=True the backward runs the backward op, whose autograd refuses a second derivative."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, B, M, feedback, parametrization, strategy, backend):
+        # ctx first, not a separate setup_context: that form binds the arguments with inspect on every call (70 us).
+        _linear_setup_context(ctx, (x, weight, bias, B, M, feedback, parametrization, strategy, backend), None)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, B, M, feedback = ctx.saved_tensors
+        mask = _output_mask(ctx)
+        backward = linear_backward if torch.is_grad_enabled() else _linear_backward_impl
+        grads = backward(grad_output, x, weight, B, M, feedback, *ctx.options, mask)
+        return _autograd_grads(grads, mask) + (None,) * 3
+
+
+class _EagerConv(torch.autograd.Function):
+    """pfa_kernels::conv without torch.library's dispatch, as _EagerLinear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
+                backend):
+        _conv_setup_context(ctx, (x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization,
+                                  strategy, backend), None)
+        return _CONV_BY_SPATIAL_DIMS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, B, M, feedback = ctx.saved_tensors
+        mask = _output_mask(ctx)
+        backward = conv_backward if torch.is_grad_enabled() else _conv_backward_impl
+        grads = backward(grad_output, x, weight, B, M, feedback, *ctx.conv_args, *ctx.options, mask)
+        return _autograd_grads(grads, mask) + (None,) * 7
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors) -> bool:
+    """Whether a call can skip the op: not traced by torch.compile or export, and plain tensors (not fake, functional
+    or distributed ones, which the op's registrations handle)."""
+    return (not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
+def apply_linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend) -> torch.Tensor:
+    """pfa_kernels::linear, or its eager twin where the op's dispatch is not needed (same results, bit for bit)."""
+    if _eager(x, weight, bias, B, M, feedback):
+        return _EagerLinear.apply(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
+    return linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
+
+
+def apply_conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
+               backend) -> torch.Tensor:
+    """pfa_kernels::conv, or its eager twin (as apply_linear)."""
+    if _eager(x, weight, bias, B, M, feedback):
+        return _EagerConv.apply(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization,
+                                strategy, backend)
+    return conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,
+                backend)
 
 
 # ----------------------------------------------------------------------------- shared

@@ -14,11 +14,13 @@ import os
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # Kernel dtypes: fp32 inputs use IEEE fp32 products (no TF32), fp16/bf16 use tensor cores; all accumulate in fp32.
 DTYPES = ("float32", "float16", "bfloat16")
+# Looked up once: find_spec searches sys.path (about 150 us), and availability is asked on every named-backend call.
+INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def is_available(device_type: str) -> bool:
     """Whether the Triton kernels can run on tensors of this device type here."""
-    if importlib.util.find_spec("triton") is None:
+    if not INSTALLED:
         return False
     if device_type == "cuda":
         import torch
@@ -28,7 +30,7 @@ def is_available(device_type: str) -> bool:
 
 
 def unavailable_reason(device_type: str) -> str:
-    if importlib.util.find_spec("triton") is None:
+    if not INSTALLED:
         return "triton is not installed"
     if device_type == "cpu":
         return ("Triton kernels run on CPU tensors only under Triton's interpreter: set TRITON_INTERPRET=1 in the "
@@ -42,5 +44,5 @@ def register_ops() -> None:
     from . import batched_matmul, grouped_matmul, sequence_backward  # noqa: F401
 
 
-if importlib.util.find_spec("triton") is not None and (INTERPRETER or is_available("cuda")):
+if INSTALLED and (INTERPRETER or is_available("cuda")):
     register_ops()
