@@ -126,3 +126,31 @@ def test_torch_compile_converted_resnet18():
     torch.compile(model, fullgraph=True, backend="aot_eager")(x).sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sample", list(_conv_samples()), ids=lambda s: f"g{s[9]}-{s[11]}-{s[10]}")
+def test_eager_calls_equal_the_op_bit_for_bit(sample):
+    """Eager calls on plain tensors skip torch.library's dispatch (ops.apply_conv's autograd.Function); outputs and
+    every gradient are bitwise the op's, and only the op appears in a graph torch.compile or export traces."""
+    x, weight, bias, B, M, feedback, *rest = sample
+    backend = "torch"  # one backend for both calls: "auto" may switch from torch to cpp after its first call
+    results = []
+    for call in (ops.apply_conv, ops.conv):
+        inputs = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad)
+                  for t in (x, weight, bias, feedback)]
+        y = call(inputs[0], inputs[1], inputs[2], B, M, inputs[3], *rest[:-1], backend)
+        if y.requires_grad:
+            y.backward(torch.ones_like(y))
+        results.append((y, *(None if t is None else t.grad for t in inputs), type(y.grad_fn).__name__))
+    (y_eager, *grads_eager, eager_node), (y_op, *grads_op, op_node) = results
+    if y_eager.requires_grad:
+        assert eager_node == "_EagerConvBackward" and "pfa_kernels_conv" in op_node
+    assert torch.equal(y_eager, y_op)
+    for eager, op in zip(grads_eager, grads_op, strict=True):
+        assert (eager is None and op is None) or torch.equal(eager, op)
+
+
+def test_traced_calls_take_the_op():
+    layer = pk.PFALinear(4, 3)
+    graph = torch.export.export(layer, (torch.randn(2, 4, requires_grad=True),)).graph
+    assert any("pfa_kernels.linear" in str(node.target) for node in graph.nodes)
