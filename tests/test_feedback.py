@@ -188,3 +188,29 @@ def test_a_backpropagation_checkpoint_loads_into_every_converted_model(mode):
     # A second load into the same model starts afresh (a PFA load before it does not make this one partial).
     model.load_state_dict(model.state_dict())
     model.load_state_dict(bp.state_dict())
+
+
+@pytest.mark.parametrize("out_channels, mid_per_group, groups", [(8, 80, 1), (6, 12, 2), (5, 5, 1), (7, 3, 1)])
+def test_cholesky_projection_equals_the_pseudoinverse(out_channels, mid_per_group, groups):
+    """Z_0 = M_j^{-1} B_j R_j (Cholesky; r >= 1 with a well-conditioned B_j) is pinv(B_j^T) R_j (SVD) to 1e-12, and
+    M·Z = B·R; r < 1 (7 -> 3) and an ill-conditioned square B (5 -> 5, cond ~ 1e3+) take the SVD."""
+    from pfa_kernels import feedback
+
+    generator = torch.Generator().manual_seed(out_channels)
+    B = torch.randn(out_channels, mid_per_group * groups, generator=generator, dtype=torch.float64)
+    if mid_per_group == out_channels:  # square: make it ill-conditioned on purpose
+        U, _, Vh = torch.linalg.svd(B)
+        B = U @ torch.diag(torch.logspace(0, -4, out_channels, dtype=torch.float64)) @ Vh
+    R = torch.randn(mid_per_group * groups, 4, 3, generator=generator, dtype=torch.float64)
+    B_by_group = B.reshape(out_channels, groups, mid_per_group).transpose(0, 1)
+    R_by_group = R.reshape(groups, mid_per_group, -1)
+    by_svd, condition = feedback._solve_by_svd(B_by_group, R_by_group)
+    by_cholesky = feedback._solve_by_cholesky(B_by_group, R_by_group)
+    if mid_per_group < out_channels or condition > feedback.CHOLESKY_MAX_CONDITION:
+        assert by_cholesky is None
+        return
+    Z, cholesky_condition = by_cholesky
+    assert cholesky_condition == pytest.approx(condition, rel=1e-9)
+    torch.testing.assert_close(Z, by_svd, rtol=1e-12, atol=1e-12)
+    M = B_by_group @ B_by_group.transpose(1, 2)
+    torch.testing.assert_close(M @ Z, B_by_group @ R_by_group, rtol=1e-12, atol=1e-12)
