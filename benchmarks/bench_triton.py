@@ -1,10 +1,11 @@
 """Triton kernels: timed against the PyTorch backend and cuBLAS/cuDNN backpropagation when a GPU is present,
 otherwise the static resource table of every kernel and configuration compiled for a real GPU.
 
-    python benchmarks/bench_triton.py [--arch 90] [--output-dir benchmarks/results]
+    python benchmarks/bench_triton.py [--arch 80|90|all] [--output-dir benchmarks/results]
 
-Without a GPU (this machine): registers per thread and spills (ptxas), shared memory (Triton) and the
-occupancy they allow, for sm_<arch>; written to triton_resources.md. With a GPU: triton.testing.do_bench of
+Without a GPU (this machine): registers per thread and spills (ptxas), shared memory (Triton), the occupancy
+they allow and the memory fences, for every kernel, layer case and configuration compiled for sm_<arch>; written
+to triton_resources_sm<arch>.md, or with --arch all to triton_aot_resources.md. With a GPU: triton.testing.do_bench of
 the fused sequence input gradient and the grouped feedback products against the torch backend and BP's dgrad,
 on ResNet-18's last-stage shapes, written to triton.jsonl.
 """
@@ -22,17 +23,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 
-def resource_table(arch: int) -> str:
+def resource_table(arches) -> str:
+    """Markdown: one row per kernel x layer case x arguments x configuration x dtype x architecture."""
     from pfa_kernels.backends.triton import aot
 
-    rows = aot.compile_all(arch)
-    lines = [f"Triton kernels compiled for sm_{arch} (no GPU needed): registers and spills from ptxas, shared memory "
-             f"from Triton, occupancy = resident warps / {aot.MAX_WARPS_PER_SM}.", "",
-             "| kernel | configuration | dtype | registers | spills (bytes) | shared memory (KB) | occupancy |",
-             "|---|---|---|---|---|---|---|"]
+    rows = [row for arch in arches for row in aot.compile_all(arch)]
+    worst = max(rows, key=lambda row: row.registers)
+    lines = [f"Triton kernels compiled ahead of time for {', '.join(f'sm_{arch}' for arch in arches)} (no GPU needed): "
+             f"registers and spills from ptxas (with Triton's options), shared memory from Triton, occupancy = "
+             f"resident warps / {aot.MAX_WARPS_PER_SM}, gpu/system-scope fences in the PTX and SASS (pattern in "
+             f"aot.py), atomic instructions in the SASS. Case: the layer call whose arguments were specialized "
+             f"('runtime': as Triton's launcher does, integers of 1 as constants, 16-divisible integers and aligned "
+             f"pointers marked; 'generic': types only).", "",
+             f"{len(rows)} kernels; {sum(row.spill_bytes > 0 for row in rows)} spill "
+             f"({sum(row.spill_bytes for row in rows)} bytes in all); most registers {worst.registers} "
+             f"({worst.kernel} {worst.case} {worst.arguments} [{worst.config}] {worst.dtype} sm_{worst.arch}); "
+             f"{sum(row.registers == 255 for row in rows)} at 255; {sum(row.sass_fences for row in rows)} SASS and "
+             f"{sum(row.ptx_fences for row in rows)} PTX fences.", "",
+             "| kernel | case | arguments | configuration | dtype | arch | registers | spills (bytes) | "
+             "shared memory (KB) | occupancy | PTX fences | SASS fences | atomics |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row.kernel} | {row.config} | {row.dtype} | {row.registers} | {row.spill_bytes} | "
-                     f"{row.shared_bytes / 1024:.0f} | {row.occupancy:.2f} |")
+        lines.append(f"| {row.kernel} | {row.case} | {row.arguments} | {row.config} | {row.dtype} | sm_{row.arch} | "
+                     f"{row.registers} | {row.spill_bytes} | {row.shared_bytes / 1024:.0f} | {row.occupancy:.2f} | "
+                     f"{row.ptx_fences} | {row.sass_fences} | {row.atomics} |")
     return "\n".join(lines) + "\n"
 
 
@@ -67,7 +81,9 @@ def gpu_timings() -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, choices=[80, 90])
+    parser.add_argument("--arch", default="90", choices=["80", "90", "all"],
+                        help="resource table for sm_80, sm_90 (triton_resources_sm<arch>.md) or both "
+                             "(triton_aot_resources.md)")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -76,8 +92,10 @@ def main(argv=None):
         harness.write_jsonl(records, args.output_dir / "triton.jsonl")
         for record in records:
             print(json.dumps({k: record[k] for k in ("shape", "impl", "median_ms", "ratio_vs_bp")}))
-    table = resource_table(args.arch)
-    (args.output_dir / f"triton_resources_sm{args.arch}.md").write_text(table)
+    arches = (80, 90) if args.arch == "all" else (int(args.arch),)
+    table = resource_table(arches)
+    name = "triton_aot_resources.md" if args.arch == "all" else f"triton_resources_sm{args.arch}.md"
+    (args.output_dir / name).write_text(table)
     print(table)
 
 

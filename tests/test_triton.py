@@ -212,8 +212,9 @@ def test_fused_sequence_kernel_alerts_under_deterministic_algorithms():
 
 
 def _bmm_operands(case, dtype):
-    """(left (G, M, K), right (G, K, N)) for a batched_matmul case: odd sizes that cross the interpreter's 64x64x32
-    tile (M = 70, N = 66, K = 75), transposed and sliced views, expanded (zero-stride) operands, K = 0, empty."""
+    """(left (G, M, K), right (G, K, N)) for a batched_matmul case: odd sizes that cross the interpreter's 64x64
+    tile and run 5 K steps of 16 (M = 70, N = 66, K = 75), transposed and sliced views, expanded (zero-stride)
+    operands, K = 0, empty."""
     G, M, K, N = 3, 70, 75, 66
     if case == "contiguous":
         return torch.randn(G, M, K), torch.randn(G, K, N)

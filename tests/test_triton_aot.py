@@ -21,17 +21,71 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_kernel_compiles_without_spills_within_shared_memory(arch):
-    from pfa_kernels.backends.triton import aot, grouped_matmul, sequence_backward
+    """Every kernel x layer case (the kernel sizes the layers launch, the products of their backward) x runtime
+    and generic arguments x configuration x dtype: no ptxas spill (the test fails on any "bytes spill"), at most
+    255 registers, shared memory within the architecture's limit."""
+    from pfa_kernels.backends.triton import aot
 
     rows = aot.compile_all(arch)
-    expected = len(aot.DTYPES) * (len(sequence_backward.CONFIGS) + len(grouped_matmul.CONFIGS))
-    assert len(rows) == expected and {r.dtype for r in rows} == set(aot.DTYPES)
+    assert len(rows) == len(aot.jobs()) and {r.dtype for r in rows} == set(aot.DTYPES)
+    for kernel, (module, _, cases) in aot.KERNELS.items():
+        runtime_cases = {row.case for row in rows if row.kernel == kernel and row.arguments == "runtime"}
+        assert runtime_cases == set(cases), kernel
+        assert any(row.kernel == kernel and row.arguments == "generic" for row in rows), kernel
+        per_case = len(module.CONFIGS) * len(aot.DTYPES)
+        assert sum(row.kernel == kernel and row.arguments == "runtime" for row in rows) == len(cases) * per_case
+    assert set(aot.SEQUENCE_CASES) >= {"linear", "1x1", "3x3", "1x3", "3x1", "conv1d 3", "7x7 stride 2"}
+    spilling = [f"{row.kernel} {row.case} ({row.arguments}) [{row.config}] {row.dtype}: {row.registers} registers, "
+                f"{row.spill_bytes} bytes spilled" for row in rows if row.spill_bytes]
+    assert not spilling, f"sm_{arch}: " + "; ".join(spilling)
     for row in rows:
-        assert row.spill_bytes == 0, f"{row.kernel} [{row.config}] {row.dtype} spills {row.spill_bytes} bytes"
         assert 0 < row.registers <= 255
         assert row.shared_bytes <= aot.SHARED_MEMORY_PER_BLOCK[arch], (
             f"{row.kernel} [{row.config}] {row.dtype} needs {row.shared_bytes} bytes of shared memory")
         assert 0 < row.occupancy <= 1
+
+
+def _triton_launch_specialization(fn, args, constants):
+    """(signature, constexprs, attrs) as JITFunction.run derives them on a GPU: its binder, then _pack_args."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **constants)
+    _, signature, constexprs, attrs = fn._pack_args(backend, constants, bound_args, specialization, options)
+    return signature, constexprs, attrs
+
+
+@pytest.mark.parametrize(("kernel", "case"), [("sequence_input_grad", "linear"), ("sequence_input_grad", "3x3"),
+                                           ("sequence_input_grad", "conv1d 3"), ("batched_matmul", "B^T·C"),
+                                           ("grouped_matmul", "16 products")])
+def test_runtime_arguments_are_tritons_launch_specialization(kernel, case):
+    """The "runtime" variant compiles what Triton's launcher would for the layer's call (its binder and
+    _pack_args, run here without a GPU): integers of 1 as constexprs, tt.divisibility 16 on 16-divisible integers
+    and aligned pointers. The "generic" variant has neither."""
+    from pfa_kernels.backends.triton import aot
+
+    module, builder, _ = aot.KERNELS[kernel]
+    fn, args, constants = builder(case, "bf16")
+    constants = {**constants, **module.CONFIGS[0].kwargs}
+    signature, constexprs, attrs = aot.specialization(fn, args, constants, runtime=True)
+    expected_signature, expected_constexprs, expected_attrs = _triton_launch_specialization(fn, args, constants)
+    expected_attrs = {path: attr for path, attr in expected_attrs.items() if attr}  # [] (no attribute) is no-op
+    assert signature == expected_signature and attrs == expected_attrs
+    assert {(fn.arg_names.index(name),): value for name, value in constexprs.items()} == expected_constexprs
+    assert attrs and all(value == [["tt.divisibility", 16]] for value in attrs.values())
+    pointers = [index for index, name in enumerate(fn.arg_names) if signature[name].startswith("*")]
+    assert pointers and all((index,) in attrs for index in pointers)
+    if kernel == "sequence_input_grad":
+        unit = {"stride_h", "stride_w", "dil_h", "dil_w"} | ({"out_h", "out_w", "in_h", "in_w"} if case == "linear"
+                                                             else set())
+        assert unit <= {name for name, value in constexprs.items() if value == 1}
+    generic_signature, generic_constexprs, generic_attrs = aot.specialization(fn, args, constants, runtime=False)
+    assert not generic_attrs and set(generic_constexprs) == set(constants)
+    assert all(kind != "constexpr" for name, kind in generic_signature.items() if name not in constants)
+    assert generic_signature.keys() == signature.keys()
 
 
 @pytest.mark.parametrize("arch", [80, 90])

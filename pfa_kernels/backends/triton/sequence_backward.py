@@ -27,13 +27,15 @@ from .launch import launch
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 # Autotune configurations for A100/H100 (sm_80/sm_90): per program an fp32 g_mid tile of 32-64 positions x
-# 32-64 mid channels (<= 8 KB) plus 32-wide R and dx tiles. Wider tiles used all 255 registers and spilled
-# (ptxas: 64x64x64 with 4 warps on sm_90; 64x64 with 8 warps in fp32 on sm_80, 448 bytes); these do not. The
-# AOT test checks every one on both architectures.
+# 32-64 mid channels (<= 8 KB) plus 16-32-wide grad, R and dx tiles. Wider tiles used all 255 registers and spilled
+# (ptxas: 64x64x64 with 4 warps on sm_90; 64x64 with 8 warps in fp32 on sm_80, 448 bytes). The 64-position tile
+# reads grad in 16-channel chunks (BLOCK_OUT): with 32 it spilled 8 bytes in fp32 on sm_90 for a 3x1 kernel with
+# run-time arguments. The 32x32 tile also takes 16 (BLOCK_OUT = 32 held 255 registers in fp32 on sm_80 with
+# generic arguments, 3x3, 1x3 and 7x7). The AOT test compiles every one for each kernel size the layers launch.
 CONFIGS = [
-    triton.Config({"BLOCK_P": 64, "BLOCK_MID": 32, "BLOCK_OUT": 32, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_P": 64, "BLOCK_MID": 32, "BLOCK_OUT": 16, "BLOCK_C": 32}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_P": 32, "BLOCK_MID": 64, "BLOCK_OUT": 32, "BLOCK_C": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_P": 32, "BLOCK_MID": 32, "BLOCK_OUT": 32, "BLOCK_C": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_P": 32, "BLOCK_MID": 32, "BLOCK_OUT": 16, "BLOCK_C": 32}, num_warps=4, num_stages=2),
 ]
 
 
