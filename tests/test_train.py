@@ -80,6 +80,7 @@ def _ddp_worker(rank, world_size, init_file, run_dir, overrides):
         metrics = loop.run(config, rank=rank, world_size=world_size, init_method=f"file://{init_file}",
                            progress=False)
         torch.save(metrics, f"{run_dir}/metrics_rank{rank}.pt")
+        torch.distributed.barrier()  # teardown together (as in test_parametrize's DDP worker)
     finally:
         torch.distributed.destroy_process_group()
 
