@@ -113,7 +113,7 @@ def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int, with_nu
     if solved is None:
         Z_by_group, condition = _solve_by_svd(B_by_group, R_by_group)
     else:
-        Z_by_group, condition = solved
+        Z_by_group, condition, _ = solved
     null = R_by_group - B_by_group.transpose(1, 2) @ Z_by_group if with_null else None
     Z = Z_by_group.reshape(groups, out_channels, R.shape[1], *kernel).transpose(0, 1)
     return Z.reshape(out_channels, groups * R.shape[1], *kernel), None if null is None else null.reshape(R.shape), \
@@ -121,11 +121,13 @@ def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int, with_nu
 
 
 def _solve_by_cholesky(B_by_group, R_by_group):
-    """(M_j^{-1} B_j R_j, max cond(B_j)) when every M_j = B_j B_j^T is well conditioned, else None."""
+    """(M_j^{-1} B_j R_j in float64, max cond(B_j), M_j) when every M_j = B_j B_j^T is well conditioned, else None.
+    The products M_j and B_j R_j in the operands' precision, the C_out x C_out factorization and solve in float64."""
     out_channels, mid_per_group = B_by_group.shape[1:]
     if out_channels == 0 or mid_per_group < out_channels:
         return None
-    M = B_by_group @ B_by_group.transpose(1, 2)
+    products = B_by_group @ B_by_group.transpose(1, 2)
+    M = products.double()
     eigenvalues = torch.linalg.eigvalsh(M)  # ascending; cond(B_j) = sqrt(cond(M_j)) (C_out^3, not C_out^2 C_mid)
     if not bool((eigenvalues[:, 0] > 0).all()):
         return None
@@ -135,7 +137,27 @@ def _solve_by_cholesky(B_by_group, R_by_group):
     factor, info = torch.linalg.cholesky_ex(M)
     if bool(info.any()):
         return None
-    return torch.cholesky_solve(B_by_group @ R_by_group, factor), condition
+    return torch.cholesky_solve((B_by_group @ R_by_group).double(), factor), condition, products
+
+
+def initial_projection(B: torch.Tensor, R: torch.Tensor, groups: int, dtype: torch.dtype):
+    """Z_0, M (G, C_out, C_out) and max cond(B_j) of a projected layer of `dtype`, from its seeded B (C_out, C_mid)
+    and R_0 (C_mid, C_in/G, *kernel), both float64. Z_0 (C_out, C_in, *kernel) and M in `dtype`.
+
+    Where the Cholesky route applies, M_j and B_j R_j are formed in the layer's precision (float32 for fp32, fp16 and
+    bf16 layers), which is what the layer stores, and only the C_out x C_out system is solved in float64: float64
+    GEMMs took half of a ResNet-50's conversion, and M was formed twice. Elsewhere the float64 SVD."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    out_channels, mid_channels = B.shape
+    B_by_group = B.to(work).reshape(out_channels, groups, mid_channels // groups).transpose(0, 1)
+    R_by_group = R.to(work).reshape(groups, R.shape[0] // groups, math.prod(R.shape[1:]))
+    solved = _solve_by_cholesky(B_by_group, R_by_group)
+    if solved is None:
+        Z, _, condition = project_onto_feedback(B, R, groups, with_null=False)
+        return Z.to(dtype), projection_matrix(B.to(dtype), groups), condition
+    Z_by_group, condition, M = solved
+    Z = Z_by_group.reshape(groups, out_channels, R.shape[1], *R.shape[2:]).transpose(0, 1)
+    return Z.reshape(out_channels, groups * R.shape[1], *R.shape[2:]).to(dtype), M.to(dtype), condition
 
 
 def _solve_by_svd(B_by_group, R_by_group):
@@ -318,11 +340,11 @@ class PFAFeedback(nn.Module):
         if self.parametrization == "explicit":
             self.R.copy_(R)
         else:
-            Z, _, self.condition_number = project_onto_feedback(B, R, self.groups, with_null=False)
+            Z, M, self.condition_number = initial_projection(B, R, self.groups, self.Z.dtype)
             self.Z.copy_(Z)
             self._warn_if_ill_conditioned()
             if self.M is not None:
-                self.M.copy_(projection_matrix(self.B, self.groups))
+                self.M.copy_(M)
             self.R_null = None
 
     def effective_R(self) -> torch.Tensor:
@@ -357,7 +379,7 @@ class PFAFeedback(nn.Module):
         return self.feedback_weight()
 
     def feedback_weight(self) -> torch.Tensor:
-        """W_fb = B·R (or M·Z): W's shape, or dense (C_out, C_in, *kernel) when groups > 1 (DESIGN §2.3)."""
+        """W_fb = B·R (or M·Z): W's shape, or dense (C_out, C_in, *kernel) when groups > 1 (docs/design.md §2.3)."""
         if self.parametrization == "explicit":
             return feedback_product(self.B, self.effective_R(), self.groups)
         return projected_feedback_product(self.B, self.M, self.Z, self.groups)

@@ -10,14 +10,16 @@ import sys
 import pytest
 import torch
 import torchvision
+from conftest import relative_error
 
 import pfa_kernels as pk
+from pfa_kernels.backends.torch_ops import feedback_product
 from pfa_kernels.demo import small_cnn
 from pfa_kernels.feedback import PFAFeedback, mid_channels_for
 
 
 def test_random_B_has_identity_second_moment():
-    """Var(B_ij) = 1/C_mid, so E[B B^T] = I (DESIGN §1), for several expand ratios."""
+    """Var(B_ij) = 1/C_mid, so E[B B^T] = I (docs/design.md §1), for several expand ratios."""
     for expand_ratio in (1, 3, 10):
         feedback = PFAFeedback(64, 8, (3, 3), expand_ratio=expand_ratio, seed=0)
         B = feedback.B.double()
@@ -209,8 +211,23 @@ def test_cholesky_projection_equals_the_pseudoinverse(out_channels, mid_per_grou
     if mid_per_group < out_channels or condition > feedback.CHOLESKY_MAX_CONDITION:
         assert by_cholesky is None
         return
-    Z, cholesky_condition = by_cholesky
+    Z, cholesky_condition, _ = by_cholesky
     assert cholesky_condition == pytest.approx(condition, rel=1e-9)
     torch.testing.assert_close(Z, by_svd, rtol=1e-12, atol=1e-12)
     M = B_by_group @ B_by_group.transpose(1, 2)
     torch.testing.assert_close(M @ Z, B_by_group @ R_by_group, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("groups, expand_ratio", [(1, 10), (2, 4), (1, 0.5)])
+def test_initial_projection_in_the_layers_precision(groups, expand_ratio, dtype, tolerance):
+    """A projected layer's Z_0 and M, formed in its own precision (the Cholesky route) or by the float64 SVD (r < 1):
+    M·Z_0 = B·R_0 and Z_0 = pinv(B^T) R_0 to the layer's precision."""
+    from pfa_kernels import feedback
+
+    layer = PFAFeedback(12, 6, (3, 3), groups=groups, expand_ratio=expand_ratio, parametrization="projected",
+                        seed=3, dtype=dtype)
+    B, R, _, _ = layer._draw()
+    Z_exact = feedback.project_onto_feedback(B, R, groups, with_null=False)[0]
+    assert layer.Z.dtype == dtype and relative_error(layer.Z.double(), Z_exact) < tolerance
+    assert relative_error(layer.feedback_weight().double(), feedback_product(B, R, groups)) < tolerance
