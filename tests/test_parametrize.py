@@ -199,9 +199,16 @@ def test_projected_convert_report_and_metrics():
         assert row["norm_ratio"] == pytest.approx(explicit_row["norm_ratio"], rel=1e-5)
 
 
-def _ddp_worker(rank, world_size, init_file, inputs, labels, result_file):
+def _ddp_batch():
+    generator = torch.Generator().manual_seed(11)
+    inputs = torch.randn(8, 3, 8, 8, dtype=torch.float64, generator=generator)
+    return inputs, torch.randint(0, 5, (8,), generator=generator)
+
+
+def _ddp_worker(rank, world_size, init_file, result_file):
     import torch.distributed as dist
 
+    inputs, labels = _ddp_batch()  # drawn here, not sent: no tensors through spawn's shared-memory channel
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         model = nn.parallel.DistributedDataParallel(pk.reparametrize(_small_cnn(), "projected"))
@@ -223,11 +230,8 @@ def _ddp_worker(rank, world_size, init_file, inputs, labels, result_file):
 def test_projected_ddp_equals_one_process(tmp_path):
     """2-process gloo DDP, 3 SGD steps on half batches each: Z's gradient all-reduces like any other, so the
     result equals one process on the whole batch."""
-    generator = torch.Generator().manual_seed(11)
-    inputs = torch.randn(8, 3, 8, 8, dtype=torch.float64, generator=generator)
-    labels = torch.randint(0, 5, (8,), generator=generator)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), inputs, labels,
-                                                   str(tmp_path / "ddp.pt")), nprocs=2)
+    inputs, labels = _ddp_batch()
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp.pt")), nprocs=2)
     single = pk.reparametrize(_small_cnn(), "projected")
     optimizer = _sgd(single)
     for _ in range(3):
