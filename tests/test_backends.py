@@ -40,11 +40,15 @@ BACKENDS = ("torch", "cpp", "triton", "auto")
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
+def _skip_unavailable(device, backend):
+    if backend != "auto" and backend not in dispatch.available_backends(device):
+        pytest.skip(f"backend {backend!r} is not available for {device} here")
+
+
 def _skip_unrunnable(device, backend, dtype):
     if backend == "triton" and device == "cpu":
         pytest.skip("Triton on CPU runs only under its interpreter: tests/test_triton.py, in its own process")
-    if backend != "auto" and backend not in dispatch.available_backends(device):
-        pytest.skip(f"backend {backend!r} is not available for {device} here")
+    _skip_unavailable(device, backend)
     if backend == "triton" and not dispatch.takes_dtype("triton", dtype):
         pytest.skip("Triton takes fp32/fp16/bf16 (float64 raising is tested below)")
 
@@ -139,8 +143,7 @@ def _small_cnn(parametrization, backend, device="cuda"):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_no_host_device_synchronization_in_a_backward(parametrization, backend):
-    if backend != "auto" and backend not in dispatch.available_backends("cuda"):
-        pytest.skip(f"{backend} unavailable")
+    _skip_unavailable("cuda", backend)
     model = _small_cnn(parametrization, backend)
     x = torch.randn(8, 3, 16, 16, device="cuda")
     for strategy in ("product", "sequence", "auto"):
@@ -162,8 +165,7 @@ def test_no_host_device_synchronization_in_a_backward(parametrization, backend):
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_training_step_captured_in_a_cuda_graph(parametrization, backend):
     """Forward, PFA backward and an SGD step captured once and replayed equal the same steps run eagerly."""
-    if backend != "auto" and backend not in dispatch.available_backends("cuda"):
-        pytest.skip(f"{backend} unavailable")
+    _skip_unavailable("cuda", backend)
     eager, graphed = _small_cnn(parametrization, backend), _small_cnn(parametrization, backend)
     graphed.load_state_dict(eager.state_dict())
     inputs = [torch.randn(8, 3, 16, 16, device="cuda") for _ in range(4)]
@@ -202,8 +204,7 @@ def test_training_step_captured_in_a_cuda_graph(parametrization, backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_on_the_second_gpu(backend):
-    if backend != "auto" and backend not in dispatch.available_backends("cuda"):
-        pytest.skip(f"{backend} unavailable")
+    _skip_unavailable("cuda", backend)
     for strategy in ("product", "sequence"):
         for parametrization in PARAMETRIZATIONS:
             layer, x = _float64_layer("2d-k3-pad1", strategy, parametrization)
