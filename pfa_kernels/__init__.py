@@ -12,6 +12,7 @@ from .feedback import PFAFeedback
 from .model_feedback import feedback_weights
 from .nn import PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
 from .parametrize import check_optimizer, reparametrize
+from .unconvert import UnconversionRecord, bp_state_dict, unconvert
 from .verify import VerifyReport, verify
 
 __all__ = [
@@ -33,6 +34,9 @@ __all__ = [
     "reference",
     "reparametrize",
     "testing",
+    "UnconversionRecord",
+    "bp_state_dict",
+    "unconvert",
     "verify",
     "VerifyReport",
 ]
