@@ -205,7 +205,6 @@ def _linear_backward_impl(grad_output: torch.Tensor, x: torch.Tensor, weight: to
     def execute(plan):
         pieces = _pieces(plan, weight, 1, parametrization, M)
         if parametrization == "direct":
-            _check_direct(output_mask)
             grads = torch_ops.direct_linear_backward(grad_output, x, weight, feedback, *output_mask[:3])
         elif plan.backend == "cpp" and parametrization == "explicit":
             grads = torch.ops.pfa_kernels.cpp_linear_backward(grad_output, x, weight, B, feedback,
@@ -242,10 +241,11 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.options = (parametrization, strategy, backend)
 
 
-def _linear_autograd_backward(ctx, grad_output):
+def _linear_autograd_backward(ctx, grad_output, backward=None):
+    """Autograd's backward of the linear op (and of its eager twin, which passes the backward to run)."""
     x, weight, B, M, feedback = ctx.saved_tensors
     mask = _output_mask(ctx)
-    grads = linear_backward(grad_output, x, weight, B, M, feedback, *ctx.options, mask)
+    grads = (backward or linear_backward)(grad_output, x, weight, B, M, feedback, *ctx.options, mask)
     return _autograd_grads(grads, mask) + (None,) * 3
 
 
@@ -285,7 +285,6 @@ def _conv_backward_impl(grad_output: torch.Tensor, x: torch.Tensor, weight: torc
         conv_args = (stride, padding, dilation, groups, plan, *output_mask)
         pieces = _pieces(plan, weight, groups, parametrization, M)
         if parametrization == "direct":
-            _check_direct(output_mask)
             grads = torch_ops.direct_conv_backward(grad_output, x, weight, feedback, stride, padding, dilation, groups,
                                                    *output_mask[:3])
         elif plan.backend == "cpp" and parametrization == "explicit":
@@ -325,10 +324,11 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.options = (parametrization, strategy, backend)
 
 
-def _conv_autograd_backward(ctx, grad_output):
+def _conv_autograd_backward(ctx, grad_output, backward=None):
+    """Autograd's backward of the conv op (and of its eager twin, which passes the backward to run)."""
     x, weight, B, M, feedback = ctx.saved_tensors
     mask = _output_mask(ctx)
-    grads = conv_backward(grad_output, x, weight, B, M, feedback, *ctx.conv_args, *ctx.options, mask)
+    grads = (backward or conv_backward)(grad_output, x, weight, B, M, feedback, *ctx.conv_args, *ctx.options, mask)
     return _autograd_grads(grads, mask) + (None,) * 7
 
 
@@ -354,11 +354,7 @@ class _EagerLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, B, M, feedback = ctx.saved_tensors
-        mask = _output_mask(ctx)
-        backward = linear_backward if torch.is_grad_enabled() else _linear_backward_impl
-        grads = backward(grad_output, x, weight, B, M, feedback, *ctx.options, mask)
-        return _autograd_grads(grads, mask) + (None,) * 3
+        return _linear_autograd_backward(ctx, grad_output, None if torch.is_grad_enabled() else _linear_backward_impl)
 
 
 class _EagerConv(torch.autograd.Function):
@@ -373,11 +369,7 @@ class _EagerConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, weight, B, M, feedback = ctx.saved_tensors
-        mask = _output_mask(ctx)
-        backward = conv_backward if torch.is_grad_enabled() else _conv_backward_impl
-        grads = backward(grad_output, x, weight, B, M, feedback, *ctx.conv_args, *ctx.options, mask)
-        return _autograd_grads(grads, mask) + (None,) * 7
+        return _conv_autograd_backward(ctx, grad_output, None if torch.is_grad_enabled() else _conv_backward_impl)
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
