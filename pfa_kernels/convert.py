@@ -52,7 +52,8 @@ class ConversionRecord:
     reason: str
 
 
-def _pfa_class(module: nn.Module):
+def layer_classes(module: nn.Module):
+    """(nn class, PFA class) a Linear/ConvNd module (or PFA layer) belongs to, or (None, None)."""
     for nn_class, pfa_class in _PFA_CLASS_FOR:
         if isinstance(module, nn_class):
             return nn_class, pfa_class
@@ -85,15 +86,30 @@ def _layer_like(module: nn.Module) -> bool:
     return weight is not None and weight.dim() >= 2 and bool(_LAYER_LIKE_NAME.search(type(module).__name__))
 
 
+def layer_arguments(module: nn.Module) -> tuple:
+    """The positional constructor arguments of an nn.Linear / nn.ConvNd (or PFA) layer that rebuild its geometry."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.bias is not None
+    return (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+            module.dilation, module.groups, module.bias is not None, module.padding_mode)
+
+
+def replace_modules(model: nn.Module, places: dict[int, list[str]], replacements: dict[int, nn.Module]) -> nn.Module:
+    """Put replacements[key] at every qualified name in places[key]; returns the model (the replacement itself when
+    the model is the one layer, name "")."""
+    for key, layer in replacements.items():
+        for name in places[key]:
+            if not name:
+                model = layer
+                continue
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, layer)
+    return model
+
+
 def _build_pfa_layer(module: nn.Module, pfa_class, layer_kwargs: dict) -> nn.Module:
     weight = module.weight
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if pfa_class is PFALinear:
-        layer = PFALinear(module.in_features, module.out_features, module.bias is not None, **factory, **layer_kwargs)
-    else:
-        layer = pfa_class(module.in_channels, module.out_channels, module.kernel_size, module.stride,
-                          module.padding, module.dilation, module.groups, module.bias is not None,
-                          module.padding_mode, **factory, **layer_kwargs)
+    layer = pfa_class(*layer_arguments(module), device=weight.device, dtype=weight.dtype, **layer_kwargs)
     layer.weight = module.weight
     layer.bias = module.bias
     layer.train(module.training)
@@ -160,7 +176,7 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
         module = modules[key]
         if isinstance(module, PFA_LAYERS):
             continue
-        nn_class, pfa_class = _pfa_class(module)
+        nn_class, pfa_class = layer_classes(module)
         layer_type = type(module).__name__
         if nn_class is None:
             if isinstance(module, nn.MultiheadAttention):
@@ -195,11 +211,5 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
         raise ValueError("strict=True: converting these layers would change what the model computes: "
                          + "; ".join(refused))
 
-    for key, layer in replacements.items():
-        for name in places[key]:
-            if not name:  # the model itself is a single layer
-                model = layer
-                continue
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, layer)
+    model = replace_modules(model, places, replacements)
     return (model, records) if return_report else model

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .convert import layer_arguments, layer_classes, replace_modules
 from .dfa import DirectFeedbackAlignment
 from .nn import PFA_LAYERS
 
@@ -35,13 +36,9 @@ class UnconversionRecord:
 def _nn_layer(layer: nn.Module) -> nn.Module:
     """The nn counterpart of a PFA layer, built on the meta device (no initialization) and holding the layer's own
     weight and bias Parameters, training flag and hooks."""
-    nn_class = next(base for base in type(layer).__mro__ if base.__module__.startswith("torch.nn"))
+    nn_class, _ = layer_classes(layer)
     with torch.device("meta"):
-        if nn_class is nn.Linear:
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        else:
-            plain = nn_class(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                             layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode)
+        plain = nn_class(*layer_arguments(layer))
     plain.weight = layer.weight
     plain.bias = layer.bias
     plain.train(layer.training)
@@ -75,12 +72,7 @@ def unconvert(model: nn.Module, return_report: bool = False):
         layer, plain = layers[key], replacements[key]
         removed = tuple(f"feedback.{k}" for k in layer.feedback.state_dict())
         records += [UnconversionRecord(name, type(layer).__name__, type(plain).__name__, removed) for name in names]
-        for name in names:
-            if not name:
-                model = plain
-                continue
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, plain)
+    model = replace_modules(model, places, replacements)
     return (model, records) if return_report else model
 
 
