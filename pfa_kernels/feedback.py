@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from .backends.torch_ops import feedback_product, projected_feedback_product
+from .backends.torch_ops import feedback_product, grouped_B, grouped_columns, projected_feedback_product
 
 FEEDBACK_INITS = ("random", "orthogonal", "identity")
 PARAMETRIZATIONS = ("explicit", "projected")
@@ -83,7 +83,7 @@ _MASKED_R_MESSAGE = (
 
 def projection_matrix(B: torch.Tensor, groups: int) -> torch.Tensor:
     """M_j = B_j B_j^T for each group j: (G, C_out, C_out) from B (C_out, C_mid), in B's dtype."""
-    B_by_group = B.double().reshape(B.shape[0], groups, B.shape[1] // groups).transpose(0, 1)
+    B_by_group = grouped_B(B.double(), groups)
     return torch.bmm(B_by_group, B_by_group.transpose(1, 2)).to(B.dtype)
 
 
@@ -116,9 +116,7 @@ def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int, with_nu
 def _by_group(B: torch.Tensor, R: torch.Tensor, groups: int, dtype: torch.dtype):
     """B (C_out, C_mid) -> (G, C_out, C_mid/G) and R (C_mid, C_in/G, *kernel) -> (G, C_mid/G, K), in `dtype`.
     Explicit sizes, not -1: reshape cannot infer a size from zero elements (C_out = 0 or C_in = 0)."""
-    out_channels, mid_channels = B.shape
-    B_by_group = B.to(dtype).reshape(out_channels, groups, mid_channels // groups).transpose(0, 1)
-    return B_by_group, R.to(dtype).reshape(groups, R.shape[0] // groups, math.prod(R.shape[1:]))
+    return grouped_B(B.to(dtype), groups), R.to(dtype).reshape(groups, R.shape[0] // groups, math.prod(R.shape[1:]))
 
 
 def _Z_from_groups(Z_by_group: torch.Tensor, R_shape) -> torch.Tensor:
@@ -182,11 +180,8 @@ def _solve_by_svd(B_by_group, R_by_group):
 
 def explicit_from_projected(B: torch.Tensor, Z: torch.Tensor, groups: int) -> torch.Tensor:
     """B^T Z per group (float64): (C_mid, C_in/G, *kernel) from B (C_out, C_mid) and Z (C_out, C_in, *kernel)."""
-    out_channels, kernel = B.shape[0], Z.shape[2:]
-    # Explicit sizes, not -1: reshape cannot infer a size from zero elements (C_out = 0 or C_in = 0).
-    B_by_group = B.double().reshape(out_channels, groups, B.shape[1] // groups).transpose(0, 1)
-    Z_by_group = Z.double().reshape(out_channels, groups, math.prod(Z.shape[1:]) // groups).transpose(0, 1)
-    return (B_by_group.transpose(1, 2) @ Z_by_group).reshape(B.shape[1], Z.shape[1] // groups, *kernel)
+    product = grouped_B(B.double(), groups).transpose(1, 2) @ grouped_columns(Z.double(), groups)
+    return product.reshape(B.shape[1], Z.shape[1] // groups, *Z.shape[2:])
 
 
 class _FeedbackLoad(threading.local):

@@ -27,10 +27,8 @@ def feedback_product(B: torch.Tensor, R: torch.Tensor, groups: int = 1) -> torch
     C_out x C_mid x |R|/C_mid; for groups > 1, one batched GEMM per group.
     """
     out_channels, mid_channels = B.shape
-    mid_per_group = mid_channels // groups
-    B_by_group = B.reshape(out_channels, groups, mid_per_group).transpose(0, 1)  # (G, C_out, C_mid/G)
-    R_by_group = R.reshape(groups, mid_per_group, math.prod(R.shape[1:]))        # (G, C_mid/G, K)
-    dense = torch.bmm(B_by_group, R_by_group)                                    # (G, C_out, K)
+    R_by_group = R.reshape(groups, mid_channels // groups, math.prod(R.shape[1:]))  # (G, C_mid/G, K)
+    dense = torch.bmm(grouped_B(B, groups), R_by_group)                              # (G, C_out, K)
     in_per_group = R.shape[1]
     dense = dense.reshape(groups, out_channels, in_per_group, *R.shape[2:]).transpose(0, 1)
     return dense.reshape(out_channels, groups * in_per_group, *R.shape[2:])
@@ -42,13 +40,10 @@ def feedback_grad_from_correlation(B: torch.Tensor, correlation: torch.Tensor, g
     B (C_out, C_mid); correlation (C_out, C_in, *kernel) = conv_weight(x, g) with groups = 1, which
     for groups = 1 is dL/dW itself. Returns (C_mid, C_in/groups, *kernel).
     """
-    out_channels, mid_channels = B.shape
-    mid_per_group = mid_channels // groups
     in_per_group = correlation.shape[1] // groups
-    B_by_group = B.reshape(out_channels, groups, mid_per_group).permute(1, 2, 0)           # (G, C_mid/G, C_out)
-    corr_by_group = _columns_by_group(correlation, groups)                              # (G, C_out, K)
-    grad = torch.bmm(B_by_group, corr_by_group)                                          # (G, C_mid/G, K)
-    return grad.reshape(mid_channels, in_per_group, *correlation.shape[2:])
+    B_transposed = grouped_B(B, groups).transpose(1, 2)                                  # (G, C_mid/G, C_out)
+    grad = torch.bmm(B_transposed, grouped_columns(correlation, groups))                 # (G, C_mid/G, K)
+    return grad.reshape(B.shape[1], in_per_group, *correlation.shape[2:])
 
 
 def weight_grad_from_correlation(correlation: torch.Tensor, groups: int) -> torch.Tensor:
@@ -191,8 +186,14 @@ def conv_backward(grad_output, x, weight, B, R, stride, padding, dilation, group
 # shape unless M is None.
 
 
-def _columns_by_group(dense: torch.Tensor, groups: int) -> torch.Tensor:
-    """(C_out, C_in, *kernel) -> (G, C_out, C_in/G * prod(kernel)): the input columns of each group."""
+def grouped_B(B: torch.Tensor, groups: int) -> torch.Tensor:
+    """B (C_out, C_mid) -> (G, C_out, C_mid/G): group j's columns B_j, a strided view of B."""
+    return B.reshape(B.shape[0], groups, B.shape[1] // groups).transpose(0, 1)
+
+
+def grouped_columns(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """(C_out, C_in, *kernel) -> (G, C_out, C_in/G * prod(kernel)): the input columns of each group (a view when
+    dense is contiguous). Explicit sizes: reshape cannot infer one from zero elements."""
     return dense.reshape(dense.shape[0], groups, math.prod(dense.shape[1:]) // groups).transpose(0, 1)
 
 
@@ -203,8 +204,7 @@ def apply_projection(B: torch.Tensor, M: torch.Tensor | None, columns: torch.Ten
     """
     if M is not None:
         return torch.bmm(M, columns)
-    groups = columns.shape[0]
-    B_by_group = B.reshape(B.shape[0], groups, B.shape[1] // groups).transpose(0, 1)  # (G, C_out, C_mid/G)
+    B_by_group = grouped_B(B, columns.shape[0])  # (G, C_out, C_mid/G)
     return torch.bmm(B_by_group, torch.bmm(B_by_group.transpose(1, 2), columns))
 
 
@@ -213,7 +213,7 @@ def projected_feedback_product(B: torch.Tensor, M: torch.Tensor | None, Z: torch
 
     B (C_out, C_mid), M (G, C_out, C_out) or None, Z (C_out, C_in, *kernel).
     """
-    product = apply_projection(B, M, _columns_by_group(Z, groups))  # (G, C_out, K)
+    product = apply_projection(B, M, grouped_columns(Z, groups))  # (G, C_out, K)
     return product.transpose(0, 1).reshape(Z.shape)
 
 

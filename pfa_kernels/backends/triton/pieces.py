@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..torch_ops import Pieces
+from ..torch_ops import Pieces, grouped_B, grouped_columns
 from . import batched_matmul as _batched_matmul  # noqa: F401  (registers pfa_kernels::triton_batched_matmul)
 from . import sequence_backward as _sequence_backward  # noqa: F401  (registers the fused op)
 
@@ -24,17 +24,6 @@ def columns_by_group(dense: torch.Tensor, groups: int) -> list[torch.Tensor]:
 def B_by_group(B: torch.Tensor, groups: int) -> list[torch.Tensor]:
     """B (C_out, C_mid) -> [B_j, group j's (C_out, C_mid/G) columns, a strided view]."""
     return list(grouped_B(B, groups).unbind(0))
-
-
-def grouped_columns(dense: torch.Tensor, groups: int) -> torch.Tensor:
-    """(C_out, C_in, *kernel) -> (G, C_out, C_in/G * prod(kernel)): the input columns of each group (a view when
-    dense is contiguous)."""
-    return dense.reshape(dense.shape[0], groups, -1).transpose(0, 1)
-
-
-def grouped_B(B: torch.Tensor, groups: int) -> torch.Tensor:
-    """B (C_out, C_mid) -> (G, C_out, C_mid/G), a strided view of B (group stride C_mid/G columns)."""
-    return B.unflatten(1, (groups, -1)).transpose(0, 1)
 
 
 def _dense_over_groups(products: torch.Tensor, like_shape) -> torch.Tensor:
