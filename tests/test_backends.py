@@ -252,3 +252,25 @@ def test_concurrent_first_calls_on_one_gpu():
         assert relative_error(grad_x, expected[0]) < 1e-5 and relative_error(grad_weight, expected[1]) < 1e-5
     keys = [tuple(row["key"].values()) for row in dispatch.table()]
     assert len(keys) == len(set(keys))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_model_feedback_weights_on_the_gpu(parametrization):
+    """pk.feedback_weights with the Triton grouped GEMM (its tables in one pinned, non-blocking copy) equals every
+    layer's B·R (or M·Z) formed in float64, and makes no host-device synchronization."""
+    _skip_unavailable("cuda", "triton")
+    model = _small_cnn(parametrization, "auto")
+    with torch.no_grad():  # warm-up: Triton compiles (and synchronizes) on a kernel's first launch
+        pk.feedback_weights(model, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        weights = pk.feedback_weights(model, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name, layer in model.named_modules():
+        if isinstance(layer, pk.nn.PFA_LAYERS):
+            expected = _cpu64(layer).feedback_weight()
+            assert relative_error(weights[name].double().cpu(), expected) < 1e-5, name
