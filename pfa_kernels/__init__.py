@@ -8,7 +8,7 @@
 
 from . import baselines, dfa, dispatch, functional, metrics, planner, reference, testing
 from .convert import ConversionRecord, convert
-from .feedback import PFAFeedback
+from .feedback import ExplicitFeedback, PFAFeedback, ProjectedFeedback, make_feedback
 from .model_feedback import feedback_weights
 from .nn import PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
 from .parametrize import check_optimizer, reparametrize
@@ -24,6 +24,9 @@ __all__ = [
     "PFAConv2d",
     "PFAConv3d",
     "PFAFeedback",
+    "ExplicitFeedback",
+    "ProjectedFeedback",
+    "make_feedback",
     "PFALinear",
     "check_optimizer",
     "convert",

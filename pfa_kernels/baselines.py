@@ -8,7 +8,7 @@ W learns from its ordinary gradient and nothing else learns:
     frsf   fixed random-magnitude sign-concordant: W_fb = sign(W) * |F|, F fixed random
     brsf   batchwise random-magnitude sign-concordant: W_fb = sign(W) * |F_t|, F_t redrawn every forward
 
-(sign-symmetry rules: Moskovitz et al. 2018; Liao et al. 2016). KP, PFA and PFA-o are PFAFeedback
+(sign-symmetry rules: Moskovitz et al. 2018; Liao et al. 2016). KP, PFA and PFA-o are PFAFeedback (feedback.py)
 (learned feedback). F is drawn from the layer's seed like nn's default init of W: U(-1/sqrt(fan_in),
 1/sqrt(fan_in)), so W_fb's scale matches W's at initialisation.
 """
@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .feedback import loads_feedback
+from .feedback_state import loads_feedback
 
 FIXED_RULES = ("fa", "usf", "frsf", "brsf")
 
@@ -93,9 +93,9 @@ class FixedFeedback(nn.Module):
         self._batch_generator = torch.Generator(device=saved["device"])
         self._batch_generator.set_state(saved["state"])
 
-    def op_arguments(self, weight: torch.Tensor):
-        """(B, M, feedback tensor, parametrization) for the PFA ops: W_fb used directly, nothing learned."""
-        return None, None, self.feedback_weight_for(weight, new_batch=True).detach(), "direct"
+    def op_arguments(self, weight: torch.Tensor, strategy: str = "auto"):
+        """(weight, B, M, feedback tensor, parametrization) for the PFA ops: W_fb used directly, nothing learned."""
+        return weight, None, None, self.feedback_weight_for(weight, new_batch=True).detach(), "direct"
 
     @property
     def parameter(self):

@@ -72,9 +72,9 @@ def _literal_gradients(layer, x, grad_output):
     x = x.detach().double().requires_grad_(True)
     R = exact.feedback.effective_R()
     if isinstance(exact, PFALinear):
-        y = reference.pfa_linear(x, exact.weight, exact.bias, exact.feedback.B, R)
+        y = reference.pfa_linear(x, exact.weight, exact.bias, exact.feedback.dense_B(), R)
     else:
-        y = reference.pfa_conv(x, exact.weight, exact.bias, exact.feedback.B, R, exact.stride, exact.padding,
+        y = reference.pfa_conv(x, exact.weight, exact.bias, exact.feedback.dense_B(), R, exact.stride, exact.padding,
                                exact.dilation, exact.groups)
     return torch.autograd.grad(y, [x, exact.weight, exact.bias, exact.feedback.parameter], grad_output.double())
 

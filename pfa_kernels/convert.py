@@ -39,7 +39,7 @@ MODES = tuple(MODE_PRESETS)
 _FIXED_RULE_KWARGS = ("backend", "feedback_seed")
 _PFA_CLASS_FOR = ((nn.Conv1d, PFAConv1d), (nn.Conv2d, PFAConv2d), (nn.Conv3d, PFAConv3d), (nn.Linear, PFALinear))
 _LAYER_KWARGS = ("expand_ratio", "feedback_init", "feedback_density", "parametrization", "strategy", "backend",
-                 "feedback_seed")
+                 "feedback_seed", "feedback_groups")
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,8 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
                             f"not {ignored}")
     layer_kwargs = {**MODE_PRESETS[mode], **layer_kwargs}
     check_feedback_options(layer_kwargs.get("feedback_init", "random"), layer_kwargs.get("feedback_density", 1.0),
-                           layer_kwargs.get("parametrization", "explicit"))
+                           layer_kwargs.get("parametrization", "explicit"),
+                           layer_kwargs.get("feedback_groups", "grouped"))
     base_seed = layer_kwargs.pop("feedback_seed", None)
 
     attention_owned = {

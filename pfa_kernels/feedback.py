@@ -1,37 +1,45 @@
-"""Feedback parametrisations: how a layer forms its feedback weight W_fb and how that learns.
+"""Feedback parametrizations: how a PFA layer forms its feedback weight W_fb and how that learns.
 
-PFAFeedback is PFA with a feedback population (docs/design.md §1): a fixed random B (C_out, C_mid)
-and a learned R (C_mid, C_in/groups, *kernel), with W_fb = B·R. It holds that state in one of two
-parametrizations (docs/design.md §2.4):
+PFA keeps a feedback population (docs/design.md §1): a fixed random B and a learned R (C_mid, C_in/groups,
+*kernel), with W_fb = B·R. One class per parametrization (docs/design.md §2.4), picked by make_feedback:
 
-    "explicit"   R itself, a Parameter.
-    "projected"  Z, a Parameter of W's shape (dense (C_out, C_in, *kernel) if groups > 1), with
-                 W_fb_j = M_j Z_j per group j, M_j = B_j B_j^T fixed. Under SGD-family optimizers
-                 this reproduces explicit training of R exactly, and no per-step tensor scales
-                 with C_mid. R = B^T Z + N, where the null-space part N (B N = 0) never affects
-                 training; it is kept (R_null) only when the layer was switched from an explicit R,
-                 else it is the null-space part of the layer's seeded R_0.
+    ExplicitFeedback   R itself, a Parameter.
+    ProjectedFeedback  Z, a Parameter, with W_fb_j = M_j Z_j per group j, M_j = B_j B_j^T fixed. Under SGD-family
+                       optimizers this reproduces explicit training of R exactly, and no per-step tensor scales with
+                       C_mid. R = B^T Z + N, where the null-space part N (B N = 0) never affects training; it is kept
+                       (R_null) only when the layer was switched from an explicit R, else it is the null-space part
+                       of the layer's seeded R_0.
 
-Everything random (B, R_0 and the sparse masks) is drawn from the layer's own seed on a CPU
-generator, so every process that builds the same model with the same seed gets the same B, on any
-device (what DDP needs), and reset_parameters() redraws the same values. Explicit and projected
-layers with the same seed have the same W_fb.
+A grouped convolution (groups G > 1) has two feedback structures (feedback_groups, docs/design.md §2.5):
+
+    "grouped"  B block-diagonal: B_j (C_out/G, C_mid/G) feeds group j's mid population back to group j's outputs
+               only. B is held as (C_out, C_mid/G), like a grouped 1x1 convolution's weight; W_fb, Z and M are
+               grouped like W (Z has W's shape, M is (G, C_out/G, C_out/G)), so every cost stays at BP's.
+    "dense"    one dense B (C_out, C_mid), the authors' code: B_j = B[:, group j's mid channels] mixes group j's mid
+               population into every output channel, so W_fb and Z are dense (C_out, C_in, *kernel) and a
+               depthwise layer's input gradient costs C_out times BP's.
+
+Everything random (B, R_0 and the sparse masks) is drawn from the layer's own seed on a CPU generator, so every
+process that builds the same model with the same seed gets the same B, on any device (what DDP needs), and
+reset_parameters() redraws the same values. Explicit and projected layers with the same seed have the same W_fb.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import threading
 import warnings
 
 import torch
 from torch import nn
 
-from .backends.torch_ops import feedback_product, grouped_B, grouped_columns, projected_feedback_product
+from . import projection
+from .backends.torch_ops import grouped_B, grouped_columns
+from .feedback_state import loads_feedback
 
 FEEDBACK_INITS = ("random", "orthogonal", "identity")
 PARAMETRIZATIONS = ("explicit", "projected")
+FEEDBACK_GROUPS = ("grouped", "dense")
 # cond(B) above which projected feedback warns: float32 rounding in M·Z (~6e-8) may then exceed ~1e-5 relative.
 CONDITION_WARNING = 100.0
 
@@ -62,7 +70,7 @@ def feedback_densities(feedback_density) -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
-def check_feedback_options(feedback_init, feedback_density, parametrization):
+def check_feedback_options(feedback_init, feedback_density, parametrization, feedback_groups="grouped"):
     """Validate the feedback keyword arguments shared by every PFA layer and pk.convert."""
     if feedback_init not in FEEDBACK_INITS:
         raise ValueError(f"feedback_init must be one of {FEEDBACK_INITS}; got {feedback_init!r}")
@@ -72,174 +80,33 @@ def check_feedback_options(feedback_init, feedback_density, parametrization):
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}; got {parametrization!r}")
     if parametrization == "projected" and R_density < 1:
-        raise ValueError(_MASKED_R_MESSAGE.format(f"feedback_density={feedback_density!r}"))
+        raise ValueError(MASKED_R_MESSAGE.format(f"feedback_density={feedback_density!r}"))
+    if feedback_groups not in FEEDBACK_GROUPS:
+        raise ValueError(f"feedback_groups must be one of {FEEDBACK_GROUPS}; got {feedback_groups!r}")
 
 
-_MASKED_R_MESSAGE = (
+MASKED_R_MESSAGE = (
     "parametrization='projected' cannot hold a masked R ({}): re-zeroing R elementwise after every update "
     "leaves the row space of B^T, so the projected Z no longer reproduces B·R. Use parametrization='explicit', "
     "or mask B alone with feedback_density=(B_density, 1.0)")
 
 
-def projection_matrix(B: torch.Tensor, groups: int) -> torch.Tensor:
-    """M_j = B_j B_j^T for each group j: (G, C_out, C_out) from B (C_out, C_mid), in B's dtype."""
-    B_by_group = grouped_B(B.double(), groups)
-    return torch.bmm(B_by_group, B_by_group.transpose(1, 2)).to(B.dtype)
-
-
-# Above this cond(B_j) the Cholesky route (error ~ cond(B)^2 * eps) gives way to the SVD (~ cond(B) * eps): at 1e3 the
-# Cholesky solve of M_j Z_j = B_j R_j is still exact to ~1e-10 in float64.
-CHOLESKY_MAX_CONDITION = 1e3
-
-
-def project_onto_feedback(B: torch.Tensor, R: torch.Tensor, groups: int, with_null: bool = True):
-    """Split R = B^T Z + N per group (float64): Z = pinv(B_j^T) R_j, the minimum-norm Z with B_j Z_j = M_j^+ B_j R_j,
-    so M_j Z_j = B_j R_j exactly (for C_mid/G < C_out, B_j^T Z_j = R_j and N = 0).
-
-    B (C_out, C_mid), R (C_mid, C_in/G, *kernel). Returns Z (C_out, C_in, *kernel) and N (R's shape, or None
-    without with_null: it costs another R-sized GEMM), float64,
-    and the largest condition number sigma_max / sigma_min of the B_j (singular values below pinv's cutoff
-    belong to B's null space and are left out).
-
-    Where C_mid/G >= C_out and B_j has full row rank (cond(B_j) <= CHOLESKY_MAX_CONDITION), pinv(B_j^T) R_j =
-    M_j^{-1} B_j R_j: a Cholesky solve of the C_out x C_out system M_j = B_j B_j^T instead of an SVD of B_j (C_out x
-    C_mid/G): 0.08 s instead of 1.3 s for a 512 -> 512 3x3 layer at r = 10. Elsewhere (r < 1, a rank-deficient
-    or ill-conditioned B_j) the SVD.
-    """
-    B_by_group, R_by_group = _by_group(B, R, groups, torch.float64)
-    solved = _solve_by_cholesky(B_by_group, R_by_group)
-    Z_by_group, condition = _solve_by_svd(B_by_group, R_by_group) if solved is None else solved[:2]
-    null = R_by_group - B_by_group.transpose(1, 2) @ Z_by_group if with_null else None
-    return _Z_from_groups(Z_by_group, R.shape), None if null is None else null.reshape(R.shape), condition
-
-
-def _by_group(B: torch.Tensor, R: torch.Tensor, groups: int, dtype: torch.dtype):
-    """B (C_out, C_mid) -> (G, C_out, C_mid/G) and R (C_mid, C_in/G, *kernel) -> (G, C_mid/G, K), in `dtype`.
-    Explicit sizes, not -1: reshape cannot infer a size from zero elements (C_out = 0 or C_in = 0)."""
-    return grouped_B(B.to(dtype), groups), R.to(dtype).reshape(groups, R.shape[0] // groups, math.prod(R.shape[1:]))
-
-
-def _Z_from_groups(Z_by_group: torch.Tensor, R_shape) -> torch.Tensor:
-    """(G, C_out, K) -> Z (C_out, C_in, *kernel), the groups' columns side by side (R_shape: (C_mid, C_in/G, *k))."""
-    groups, out_channels = Z_by_group.shape[:2]
-    Z = Z_by_group.reshape(groups, out_channels, *R_shape[1:]).transpose(0, 1)
-    return Z.reshape(out_channels, groups * R_shape[1], *R_shape[2:])
-
-
-def _solve_by_cholesky(B_by_group, R_by_group):
-    """(M_j^{-1} B_j R_j in float64, max cond(B_j), M_j) when every M_j = B_j B_j^T is well conditioned, else None.
-    The products M_j and B_j R_j in the operands' precision, the C_out x C_out factorization and solve in float64."""
-    out_channels, mid_per_group = B_by_group.shape[1:]
-    if out_channels == 0 or mid_per_group < out_channels:
-        return None
-    products = B_by_group @ B_by_group.transpose(1, 2)
-    M = products.double()
-    eigenvalues = torch.linalg.eigvalsh(M)  # ascending; cond(B_j) = sqrt(cond(M_j)) (C_out^3, not C_out^2 C_mid)
-    if not bool((eigenvalues[:, 0] > 0).all()):
-        return None
-    condition = (eigenvalues[:, -1] / eigenvalues[:, 0]).sqrt().max().item()
-    if condition > CHOLESKY_MAX_CONDITION:
-        return None
-    factor, info = torch.linalg.cholesky_ex(M)
-    if bool(info.any()):
-        return None
-    return torch.cholesky_solve((B_by_group @ R_by_group).double(), factor), condition, products
-
-
-def initial_projection(B: torch.Tensor, R: torch.Tensor, groups: int, dtype: torch.dtype):
-    """Z_0, M (G, C_out, C_out) and max cond(B_j) of a projected layer of `dtype`, from its seeded B (C_out, C_mid)
-    and R_0 (C_mid, C_in/G, *kernel), both float64. Z_0 (C_out, C_in, *kernel) and M in `dtype`.
-
-    Where the Cholesky route applies, M_j and B_j R_j are formed in the layer's precision (float32 for fp32, fp16 and
-    bf16 layers), which is what the layer stores, and only the C_out x C_out system is solved in float64: float64
-    GEMMs took half of a ResNet-50's conversion, and M was formed twice. Elsewhere the float64 SVD."""
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    solved = _solve_by_cholesky(*_by_group(B, R, groups, work))
-    if solved is None:  # the SVD, in float64 (the Cholesky attempt is not repeated)
-        Z_by_group, condition = _solve_by_svd(*_by_group(B, R, groups, torch.float64))
-        M = projection_matrix(B.to(dtype), groups)
-    else:
-        Z_by_group, condition, M = solved
-    return _Z_from_groups(Z_by_group, R.shape).to(dtype), M.to(dtype), condition
-
-
-def _solve_by_svd(B_by_group, R_by_group):
-    """(pinv(B_j^T) R_j, max cond(B_j) over the kept singular values)."""
-    U, S, Vh = torch.linalg.svd(B_by_group, full_matrices=False)
-    cutoff = max(B_by_group.shape[1:]) * torch.finfo(torch.float64).eps * S[:, :1]
-    kept = S > cutoff
-    inverse = torch.where(kept, 1 / torch.where(kept, S, 1.0), 0.0)
-    pinv = U @ (inverse.unsqueeze(-1) * Vh)                                    # pinv(B_j^T): (G, C_out, C_mid/G)
-    if bool(kept.any()):  # (C_out = 0 leaves B no singular values: nothing to condition)
-        smallest = torch.where(kept, S, math.inf).amin(dim=1)
-        condition = (S[:, 0] / smallest).max().item()
-    else:
-        condition = 1.0
-    return pinv @ R_by_group, condition
-
-
-def explicit_from_projected(B: torch.Tensor, Z: torch.Tensor, groups: int) -> torch.Tensor:
-    """B^T Z per group (float64): (C_mid, C_in/G, *kernel) from B (C_out, C_mid) and Z (C_out, C_in, *kernel)."""
-    product = grouped_B(B.double(), groups).transpose(1, 2) @ grouped_columns(Z.double(), groups)
-    return product.reshape(B.shape[1], Z.shape[1] // groups, *Z.shape[2:])
-
-
-class _FeedbackLoad(threading.local):
-    """What the feedback modules of the load_state_dict call in progress (on this thread) have found. One call is
-    recognised by its missing_keys list, which torch shares among all the modules of the call."""
-
-    missing_keys: list | None = None
-    found = False        # some module's feedback was in the state dict
-    skipped: list = ()   # the keys of the modules whose feedback was not
-
-
-_LOAD = _FeedbackLoad()
-
-
-def loads_feedback(module: nn.Module, state_dict, prefix: str, missing_keys: list) -> bool:
-    """Whether a feedback module (PFAFeedback, FixedFeedback) loads its state from this state dict.
-
-    A backpropagation checkpoint (nn.Conv2d, nn.Linear, torchvision weights) has no feedback state at all: every
-    layer loads its weight and bias and keeps its feedback as drawn. A checkpoint with the feedback of some layers
-    but not of others (converted with another exclude list, or cut short) is not one: the missing layers' feedback
-    keys are reported as missing, an error under load_state_dict(strict=True). torch hands each module only its own
-    keys, so the modules of one call pool what they found: a layer without feedback that loads before any layer
-    with feedback has its keys reported as missing when the first layer with feedback is found.
-    """
-    if _LOAD.missing_keys is not missing_keys:  # a new load_state_dict call
-        _LOAD.missing_keys, _LOAD.found, _LOAD.skipped = missing_keys, False, []
-    if any(key.startswith(prefix) for key in state_dict):
-        if not _LOAD.found:
-            _LOAD.found = True
-            missing_keys.extend(_LOAD.skipped)
-            _LOAD.skipped = []
-        return True
-    expected = [prefix + name for name in module.state_dict(keep_vars=True)]
-    if _LOAD.found:
-        missing_keys.extend(expected)
-    else:
-        _LOAD.skipped.extend(expected)
-    return False
-
-
 class PFAFeedback(nn.Module):
-    """PFA feedback: fixed B (buffer, (C_out, C_mid)) and a learned feedback parameter, optional fixed
-    Bernoulli masks B_mask / R_mask (buffers, B's / R's shape).
+    """What every PFA feedback parametrization shares: the fixed B (buffer), the optional fixed Bernoulli masks
+    B_mask (B's shape) and R_mask (R's shape), the seed they are drawn from, and the group structure.
 
-    explicit:  R (Parameter, (C_mid, C_in/groups, *kernel)); W_fb = B·R.
-    projected: Z (Parameter, (C_out, C_in, *kernel)), M (buffer, (groups, C_out, C_out), or None when
-               applying B_j (B_j^T ·) is cheaper), R_null (buffer, R's shape, or None); W_fb = M·Z.
-               (M and R_null are None on explicit feedback.)
-
-    Masked entries of R are zero from the start and stay zero: layers use R * R_mask, so they get no
-    gradient and no optimizer update (weight decay on a zero is zero).
+    B is (C_out, C_mid), or (C_out, C_mid/G) with grouped feedback (row block j is B_j). Masked entries of R are zero
+    from the start and stay zero: explicit layers use R * R_mask, so they get no gradient and no optimizer update.
+    Subclasses (ExplicitFeedback, ProjectedFeedback) hold the learned tensor; make_feedback picks one.
     """
+
+    parametrization: str
 
     def __init__(self, out_channels: int, in_channels_per_group: int, kernel_size: tuple[int, ...] = (),
                  groups: int = 1, expand_ratio=10, feedback_init: str = "random", feedback_density=1.0,
-                 seed: int | None = None, device=None, dtype=None, parametrization: str = "explicit"):
+                 seed: int | None = None, device=None, dtype=None, feedback_groups: str = "grouped"):
         super().__init__()
-        check_feedback_options(feedback_init, feedback_density, parametrization)
+        check_feedback_options(feedback_init, feedback_density, self.parametrization, feedback_groups)
         mid_channels = mid_channels_for(out_channels, expand_ratio, groups)
         if feedback_init == "identity" and mid_channels != out_channels:
             raise ValueError(
@@ -247,76 +114,122 @@ class PFAFeedback(nn.Module):
                 f"C_mid = {mid_channels} for C_out = {out_channels} (use expand_ratio=1)")
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"feedback_seed must be an int or None; got {seed!r}")
-        factory = {"device": device, "dtype": dtype}
+        if out_channels % groups:
+            raise ValueError(f"groups={groups} must divide C_out = {out_channels}")
         self.out_channels, self.mid_channels, self.groups = out_channels, mid_channels, groups
         self.in_channels_per_group, self.kernel_size = in_channels_per_group, tuple(kernel_size)
         self.expand_ratio, self.feedback_init, self.feedback_density = expand_ratio, feedback_init, feedback_density
-        self.parametrization = parametrization
-        self.condition_number = None  # cond(B) of a projected layer (the largest over groups), set when projecting
+        self.feedback_groups = feedback_groups
         # Without an explicit seed, take one from the global RNG: torch.manual_seed(s) then fixes it.
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
         B_density, R_density = feedback_densities(feedback_density)
-        self.register_buffer("B", torch.empty(out_channels, mid_channels, **factory))
-        self.register_buffer("B_mask", torch.empty(self.B.shape, dtype=torch.bool, device=device)
+        self.register_buffer("B", torch.empty(self.B_shape, device=device, dtype=dtype))
+        self.register_buffer("B_mask", torch.empty(self.B_shape, dtype=torch.bool, device=device)
                              if B_density < 1 else None)
         self.register_buffer("R_mask", torch.empty(self.R_shape, dtype=torch.bool, device=device)
                              if R_density < 1 else None)
-        if parametrization == "explicit":
-            self.R = nn.Parameter(torch.empty(self.R_shape, **factory))
-            self.register_buffer("M", None)
-            self.register_buffer("R_null", None)
-        else:
-            self._add_projected_state(torch.empty(self.Z_shape, **factory), compute_M=False)
-        self.reset_parameters()
+
+    def _settings(self) -> dict:
+        """The constructor arguments that rebuild this feedback (another parametrization of the same B)."""
+        return dict(out_channels=self.out_channels, in_channels_per_group=self.in_channels_per_group,
+                    kernel_size=self.kernel_size, groups=self.groups, expand_ratio=self.expand_ratio,
+                    feedback_init=self.feedback_init, feedback_density=self.feedback_density, seed=self.seed,
+                    device=self.B.device, dtype=self.B.dtype, feedback_groups=self.feedback_groups)
+
+    def _share_fixed_state(self, other: PFAFeedback) -> None:
+        """Take `other`'s B and masks (the same tensors: they are fixed)."""
+        self.B, self.B_mask, self.R_mask = other.B, other.B_mask, other.R_mask
+
+    @property
+    def grouped(self) -> bool:
+        """Whether B is block-diagonal over the layer's groups (feedback_groups="grouped" and groups > 1)."""
+        return self.groups > 1 and self.feedback_groups == "grouped"
+
+    @property
+    def rows_per_group(self) -> int:
+        """The output channels each B_j reaches: C_out/G (grouped) or C_out (dense)."""
+        return self.out_channels // self.groups if self.grouped else self.out_channels
+
+    @property
+    def B_shape(self) -> tuple[int, int]:
+        return (self.out_channels, self.mid_channels // self.groups if self.grouped else self.mid_channels)
 
     @property
     def R_shape(self) -> tuple[int, ...]:
         return (self.mid_channels, self.in_channels_per_group, *self.kernel_size)
 
     @property
-    def Z_shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels_per_group * self.groups, *self.kernel_size)
+    def weight_like_shape(self) -> tuple[int, ...]:
+        """The shape of W_fb and Z: W's (C_out, C_in/G, *kernel) with grouped feedback, else (C_out, C_in, *kernel)."""
+        in_channels = self.in_channels_per_group * (1 if self.grouped else self.groups)
+        return (self.out_channels, in_channels, *self.kernel_size)
 
-    @property
-    def keeps_projection_matrix(self) -> bool:
-        """Whether M is held: M·Z costs G * C_out^2 per column of Z, B_j (B_j^T Z_j) costs 2 * C_out * C_mid (and
-        M takes G * C_out^2 memory), so M is kept when G * C_out <= 2 * C_mid, i.e. expand_ratio >= G / 2."""
-        return self.groups * self.out_channels <= 2 * self.mid_channels
+    Z_shape = weight_like_shape
 
-    @property
-    def parameter(self) -> nn.Parameter:
-        """The learned feedback tensor: R (explicit) or Z (projected)."""
-        return self.R if self.parametrization == "explicit" else self.Z
+    def B_by_group(self, B: torch.Tensor | None = None) -> torch.Tensor:
+        """B_j for every group: (G, rows_per_group, C_mid/G), a view of B (default: self.B)."""
+        B = self.B if B is None else B
+        if self.grouped:
+            return B.reshape(self.groups, self.rows_per_group, B.shape[1])
+        return grouped_B(B, self.groups)
 
-    def _add_projected_state(self, Z: torch.Tensor, R_null: torch.Tensor | None = None, requires_grad=True,
-                             compute_M: bool = True):
-        """Z as the feedback Parameter, M = B_j B_j^T (computed now, or left for reset_parameters to fill when B is
-        not drawn yet: a 2048-channel layer's M is 2 * C_out^2 * C_mid = 172 GFLOP at r = 10) and R_null."""
-        self.Z = nn.Parameter(Z, requires_grad=requires_grad)
-        if not self.keeps_projection_matrix:
-            M = None
-        elif compute_M:
-            M = projection_matrix(self.B, self.groups)
-        else:
-            M = self.B.new_empty(self.groups, self.out_channels, self.out_channels)
-        self.register_buffer("M", M)
-        self.register_buffer("R_null", R_null)
+    def R_by_group(self, R: torch.Tensor) -> torch.Tensor:
+        """R (C_mid, C_in/G, *kernel) -> (G, C_mid/G, K). Explicit sizes: reshape cannot infer one from zero
+        elements."""
+        return R.reshape(self.groups, self.mid_channels // self.groups, math.prod(self.R_shape[1:]))
+
+    def columns_by_group(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A W_fb- or Z-shaped tensor -> (G, rows_per_group, K): what each M_j or B_j multiplies."""
+        if self.grouped:
+            return tensor.reshape(self.groups, self.rows_per_group, math.prod(self.R_shape[1:]))
+        return grouped_columns(tensor, self.groups)
+
+    def from_columns(self, columns: torch.Tensor) -> torch.Tensor:
+        """(G, rows_per_group, K) -> the W_fb/Z shape (the inverse of columns_by_group)."""
+        if self.grouped:
+            return columns.reshape(self.weight_like_shape)
+        in_shape = self.R_shape[1:]
+        dense = columns.reshape(self.groups, self.out_channels, *in_shape).transpose(0, 1)
+        return dense.reshape(self.weight_like_shape)
+
+    def dense_B(self) -> torch.Tensor:
+        """B as the literal algorithm (reference.py) takes it, (C_out, C_mid): grouped feedback's B_j on the
+        block diagonal, zeros elsewhere."""
+        if not self.grouped:
+            return self.B
+        from .reference import block_diagonal_feedback
+        return block_diagonal_feedback(self.B, self.groups)
+
+    def R_grad_from_weight_grad(self, grad_weight_like: torch.Tensor) -> torch.Tensor:
+        """B_j^T times a W_fb-shaped gradient per group: dL/dR from dL/dW_fb-like (dL/dZ of a projected layer,
+        docs/design.md §2.4). Returns R's shape."""
+        product = torch.bmm(self.B_by_group().transpose(1, 2).to(grad_weight_like.dtype),
+                            self.columns_by_group(grad_weight_like))
+        return product.reshape(self.R_shape)
 
     def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """B, R_0 (float64, masked) and the masks (or None), drawn from the layer's seed."""
         generator = torch.Generator().manual_seed(self.seed)
         B_density, R_density = feedback_densities(self.feedback_density)
-        B = torch.empty(self.B.shape, dtype=torch.float64)
+        B = torch.empty(self.B_shape, dtype=torch.float64)
+        rows, mid_per_group = self.rows_per_group, self.mid_channels // self.groups
         if self.feedback_init == "random":
-            # Var(B_ij) = gain^2 * 2 / (C_out + C_mid) = 1 / C_mid for gain^2 = (1 + 1/r) / 2 (r = C_mid/C_out),
-            # so E[B B^T] = I; a mask keeps that by dividing the gain by sqrt(density).
+            # Var(B_ij) = gain^2 * 2 / (rows + C_mid_j) = 1 / C_mid_j for gain^2 = (1 + 1/r) / 2 (r = C_mid/C_out), so
+            # E[B_j B_j^T] = I; a mask keeps that by dividing the gain by sqrt(density). (Dense: nn's xavier init of
+            # the whole B, C_mid_j = C_mid, as the authors' code draws it.)
             ratio = self.mid_channels / max(self.out_channels, 1)  # C_out = 0: B is empty, any gain
             gain = math.sqrt((1 + 1 / ratio) / 2) / math.sqrt(B_density)
-            nn.init.xavier_uniform_(B, gain=gain, generator=generator)
+            if self.grouped:
+                bound = gain * math.sqrt(6 / (rows + mid_per_group))
+                B.uniform_(-bound, bound, generator=generator)
+            else:
+                nn.init.xavier_uniform_(B, gain=gain, generator=generator)
         elif self.feedback_init == "orthogonal":
-            nn.init.orthogonal_(B, gain=1 / math.sqrt(B_density), generator=generator)
+            for block in self.B_by_group(B).unbind(0) if self.grouped else (B,):
+                nn.init.orthogonal_(block, gain=1 / math.sqrt(B_density), generator=generator)
         else:
-            B.copy_(torch.eye(self.out_channels, dtype=torch.float64))
+            B.copy_(torch.eye(rows, dtype=torch.float64).repeat(self.groups, 1) if self.grouped
+                    else torch.eye(self.out_channels, dtype=torch.float64))
         R = torch.empty(self.R_shape, dtype=torch.float64)
         nn.init.xavier_uniform_(R, generator=generator)
         B_mask = R_mask = None
@@ -328,100 +241,34 @@ class PFAFeedback(nn.Module):
             R.mul_(R_mask)
         return B, R, B_mask, R_mask
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Draw masks, B and R_0 from the layer's seed (the same values every time); projected: Z_0 = M^+ B R_0."""
+    def _reset_fixed_state(self):
+        """Draw B and the masks into their buffers; return R_0 (float64)."""
         B, R, B_mask, R_mask = self._draw()
         if B_mask is not None:
             self.B_mask.copy_(B_mask)
         if R_mask is not None:
             self.R_mask.copy_(R_mask)
         self.B.copy_(B)
-        if self.parametrization == "explicit":
-            self.R.copy_(R)
-        else:
-            Z, M, self.condition_number = initial_projection(B, R, self.groups, self.Z.dtype)
-            self.Z.copy_(Z)
-            self._warn_if_ill_conditioned()
-            if self.M is not None:
-                self.M.copy_(M)
-            self.R_null = None
-
-    def effective_R(self) -> torch.Tensor:
-        """R as an explicit layer uses it: R * R_mask with a sparse mask, else R. (C_mid, C_in/groups, *kernel)."""
-        if self.parametrization != "explicit":
-            raise RuntimeError("effective_R() is for explicit feedback; this layer is projected (see explicit_R())")
-        return self.R if self.R_mask is None else self.R * self.R_mask
-
-    @torch.no_grad()
-    def explicit_R(self) -> torch.Tensor:
-        """The explicit R this feedback is: R itself, or B^T Z + N for a projected layer. (C_mid, C_in/groups, *k)."""
-        if self.parametrization == "explicit":
-            return self.effective_R().detach().clone()
-        return (explicit_from_projected(self.B, self.Z, self.groups) + self._null_part()).to(self.Z.dtype)
-
-    def _null_part(self) -> torch.Tensor:
-        if self.R_null is not None:
-            return self.R_null.double()
-        # Built projected: the null-space part of the seeded R_0 (it never affects training).
-        R_0 = self._draw()[1].to(self.B.device)
-        return project_onto_feedback(self.B, R_0, self.groups)[1]
-
-    def op_arguments(self, weight: torch.Tensor):
-        """(B, M, feedback tensor, parametrization) as the PFA ops take them; weight is unused (the interface of
-        baselines.FixedFeedback)."""
-        if self.parametrization == "explicit":
-            return self.B, None, self.effective_R(), "explicit"
-        return self.B, self.M, self.Z, "projected"
+        return B, R
 
     def feedback_weight_for(self, weight: torch.Tensor) -> torch.Tensor:
-        """W_fb (PFA's does not depend on W)."""
+        """W_fb (PFA's does not depend on W; the interface of baselines.FixedFeedback)."""
         return self.feedback_weight()
 
-    def feedback_weight(self) -> torch.Tensor:
-        """W_fb = B·R (or M·Z): W's shape, or dense (C_out, C_in, *kernel) when groups > 1 (docs/design.md §2.3)."""
-        if self.parametrization == "explicit":
-            return feedback_product(self.B, self.effective_R(), self.groups)
-        return projected_feedback_product(self.B, self.M, self.Z, self.groups)
+    def op_arguments(self, weight: torch.Tensor, strategy: str = "auto"):
+        """(weight, B, M, feedback tensor, parametrization) as the PFA ops take them.
 
-    @torch.no_grad()
-    def to_projected(self) -> None:
-        """Switch to the projected parametrization in place, keeping B·R exactly (R's null part is kept)."""
-        if self.parametrization == "projected":
-            return
-        if self.R_mask is not None:
-            raise ValueError(_MASKED_R_MESSAGE.format(f"this layer has feedback_density={self.feedback_density!r}"))
-        Z, null, self.condition_number = project_onto_feedback(self.B, self.R, self.groups)
-        R = self.R
-        # For C_mid/G <= C_out (and a full-rank B) R lies in B^T's range and N is rounding noise: keep nothing.
-        null = None if null.norm() <= 1e-10 * R.double().norm() else null.to(R.dtype)
-        del self.R
-        self.parametrization = "projected"
-        self._add_projected_state(Z.to(R.dtype), null, R.requires_grad)
-        self._warn_if_ill_conditioned()
-
-    def _warn_if_ill_conditioned(self) -> None:
-        # Z = pinv(B^T) R, so W_fb = M·Z cancels large terms when B is ill-conditioned: rounding in M·Z grows by up to
-        # cond(B). Random B: cond ~ (1 + r^-1/2) / (1 - r^-1/2), 1.9 at r = 10, 5.8 at r = 2, unbounded near r = 1.
-        if self.condition_number > CONDITION_WARNING:
-            # One message text (the figures are in .condition_number), so that a converted model warns once.
-            warnings.warn(
-                f"projected feedback with an ill-conditioned B (cond(B) > {CONDITION_WARNING:.0f}; see "
-                f"layer.feedback.condition_number): rounding errors in W_fb = M·Z are amplified up to that factor. "
-                f"A random B with expand_ratio >= 2 per group, or feedback_init='orthogonal', is well "
-                "conditioned; parametrization='explicit' has no such amplification", stacklevel=3)
-
-    @torch.no_grad()
-    def to_explicit(self) -> None:
-        """Switch to the explicit parametrization in place: R = B^T Z + N."""
-        if self.parametrization == "explicit":
-            return
-        R = self.explicit_R()
-        requires_grad = self.Z.requires_grad
-        del self.Z
-        self.M = self.R_null = None
-        self.parametrization, self.condition_number = "explicit", None
-        self.R = nn.Parameter(R, requires_grad=requires_grad)
+        Grouped feedback goes through the op's "direct" parametrization with W_fb (W's shape) and a weight that
+        teaches the feedback (grouped_feedback.py), except under strategy "reference": the literal algorithm with
+        the block-diagonal B."""
+        if not self.grouped:
+            return (weight, *self._op_tensors())
+        if strategy == "reference":
+            return weight, self.dense_B(), None, self.effective_R(), "explicit"
+        from .grouped_feedback import teach_feedback
+        taught = teach_feedback(weight, self.parameter if self.parametrization == "projected" else self.effective_R(),
+                                None if self.parametrization == "projected" else self.B_by_group())
+        return taught, None, None, self.feedback_weight().detach(), "direct"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -436,16 +283,204 @@ class PFAFeedback(nn.Module):
                 f"{self.parametrization}; build the model with parametrization={other!r} to load it, then switch with "
                 f"pk.reparametrize(model, {self.parametrization!r})")
             return
-        if self.parametrization == "projected":
-            # R_null is None (seeded) unless the layer was switched from an explicit R; follow the checkpoint.
-            key = prefix + "R_null"
-            self.R_null = torch.empty_like(state_dict[key], device=self.B.device) if key in state_dict else None
+        self._prepare_load(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _prepare_load(self, state_dict, prefix) -> None:
+        """Shape optional state after the checkpoint before torch copies it in."""
+
     def extra_repr(self) -> str:
         learned = f"R: {self.R_shape}" if self.parametrization == "explicit" else f"Z: {self.Z_shape}"
-        text = f"B: ({self.out_channels}, {self.mid_channels}), {learned}, init={self.feedback_init!r}"
+        text = f"B: {tuple(self.B_shape)}, {learned}, init={self.feedback_init!r}"
         if min(feedback_densities(self.feedback_density)) < 1:
             text += f", density={self.feedback_density}"
+        if self.groups > 1:
+            text += f", feedback_groups={self.feedback_groups!r}"
         return text + f", parametrization={self.parametrization!r}, seed={self.seed}"
+
+
+class ExplicitFeedback(PFAFeedback):
+    """PFA feedback holding R (Parameter, (C_mid, C_in/groups, *kernel)); W_fb = B·R per group."""
+
+    parametrization = "explicit"
+    condition_number = None
+    M = R_null = None  # the projected parametrization's state: none here
+
+    def __init__(self, *args, reset: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.R = nn.Parameter(torch.empty(self.R_shape, device=self.B.device, dtype=self.B.dtype))
+        if reset:
+            self.reset_parameters()
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        """The learned feedback tensor."""
+        return self.R
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw masks, B and R_0 from the layer's seed (the same values every time)."""
+        self.R.copy_(self._reset_fixed_state()[1])
+
+    def effective_R(self) -> torch.Tensor:
+        """R as the layer uses it: R * R_mask with a sparse mask, else R. (C_mid, C_in/groups, *kernel)."""
+        return self.R if self.R_mask is None else self.R * self.R_mask
+
+    @torch.no_grad()
+    def explicit_R(self) -> torch.Tensor:
+        """The explicit R this feedback is (a copy). (C_mid, C_in/groups, *kernel)."""
+        return self.effective_R().detach().clone()
+
+    def _op_tensors(self):
+        return self.B, None, self.effective_R(), "explicit"
+
+    def feedback_weight(self) -> torch.Tensor:
+        """W_fb = B·R: W's shape with grouped feedback, dense (C_out, C_in, *kernel) otherwise (docs/design.md §2.3)."""
+        R = self.effective_R()
+        return self.from_columns(torch.bmm(self.B_by_group().to(R.dtype), self.R_by_group(R)))
+
+    @torch.no_grad()
+    def as_projected(self) -> ProjectedFeedback:
+        """The projected parametrization of this feedback (a new module sharing B and the masks): Z = pinv(B^T) R,
+        so M·Z = B·R exactly; R's null-space part N is kept as R_null when it is not rounding noise."""
+        if self.R_mask is not None:
+            raise ValueError(MASKED_R_MESSAGE.format(f"this layer has feedback_density={self.feedback_density!r}"))
+        R = self.R
+        Z_by_group, null, condition = projection.project_onto_feedback(self.B_by_group(), self.R_by_group(R))
+        null = null.reshape(self.R_shape)
+        # For C_mid/G <= rows (and a full-rank B) R lies in B^T's range and N is rounding noise: keep nothing.
+        null = None if null.norm() <= 1e-10 * R.double().norm() else null.to(R.dtype)
+        projected = ProjectedFeedback(**self._settings(), reset=False)
+        projected._share_fixed_state(self)
+        projected._set_state(self.from_columns(Z_by_group).to(R.dtype), null, condition, R.requires_grad)
+        return projected
+
+
+class ProjectedFeedback(PFAFeedback):
+    """PFA feedback holding Z (Parameter, W_fb's shape: W's with grouped feedback, else (C_out, C_in, *kernel)) with
+    W_fb_j = M_j Z_j; M (buffer, (G, rows, rows), or None when applying B_j (B_j^T ·) is cheaper) and R_null (buffer,
+    R's shape, or None)."""
+
+    parametrization = "projected"
+
+    def __init__(self, *args, reset: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.condition_number = None  # max cond(B_j), set when projecting
+        factory = {"device": self.B.device, "dtype": self.B.dtype}
+        self.Z = nn.Parameter(torch.empty(self.Z_shape, **factory))
+        rows = self.rows_per_group
+        self.register_buffer("M", torch.empty(self.groups, rows, rows, **factory)
+                             if self.keeps_projection_matrix else None)
+        self.register_buffer("R_null", None)
+        if reset:
+            self.reset_parameters()
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        """The learned feedback tensor."""
+        return self.Z
+
+    @property
+    def keeps_projection_matrix(self) -> bool:
+        """Whether M is held: M_j·Z_j costs rows^2 per column of Z_j, B_j (B_j^T Z_j) costs 2 * rows * C_mid/G (and M
+        takes G * rows^2 memory), so M is kept when rows <= 2 * C_mid/G (dense: expand_ratio >= G / 2; grouped:
+        expand_ratio >= 1/2)."""
+        return self.rows_per_group <= 2 * (self.mid_channels // self.groups)
+
+    def _set_state(self, Z, R_null, condition, requires_grad=True):
+        self.Z = nn.Parameter(Z, requires_grad=requires_grad)
+        if self.M is not None:
+            self.M = projection.projection_matrix(self.B_by_group()).to(Z.dtype)
+        self.R_null = R_null
+        self.condition_number = condition
+        self._warn_if_ill_conditioned()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw masks, B and R_0 from the layer's seed (the same values every time); Z_0 = M^+ B R_0."""
+        B, R = self._reset_fixed_state()
+        Z_by_group, M, self.condition_number = projection.initial_projection(self.B_by_group(B), self.R_by_group(R),
+                                                                             self.Z.dtype)
+        self.Z.copy_(self.from_columns(Z_by_group))
+        self._warn_if_ill_conditioned()
+        if self.M is not None:
+            self.M.copy_(M)
+        self.R_null = None
+
+    @torch.no_grad()
+    def refresh_projection_matrix(self) -> None:
+        """M = B_j B_j^T again from B, in M's dtype (after a change of precision: a float32 M is B B^T rounded)."""
+        if self.M is not None:
+            self.M.copy_(projection.projection_matrix(self.B_by_group()))
+
+    def _op_tensors(self):
+        return self.B, self.M, self.Z, "projected"
+
+    def feedback_weight(self) -> torch.Tensor:
+        """W_fb = M·Z per group (B_j (B_j^T Z_j) without M): Z's shape (docs/design.md §2.4)."""
+        columns = self.columns_by_group(self.Z)
+        if self.M is not None:
+            return self.from_columns(torch.bmm(self.M, columns))
+        B_by_group = self.B_by_group().to(columns.dtype)
+        return self.from_columns(torch.bmm(B_by_group, torch.bmm(B_by_group.transpose(1, 2), columns)))
+
+    def effective_R(self) -> torch.Tensor:
+        raise RuntimeError("effective_R() is for explicit feedback; this layer is projected (see explicit_R())")
+
+    @torch.no_grad()
+    def explicit_R(self, with_null: bool = True) -> torch.Tensor:
+        """The explicit R this feedback is: B^T Z + N (N left out without with_null: it changes no W_fb and no
+        gradient). (C_mid, C_in/groups, *kernel), in Z's dtype."""
+        R = projection.explicit_from_projected(self.B_by_group(), self.columns_by_group(self.Z)).reshape(self.R_shape)
+        if with_null:
+            R = R + self._null_part()
+        return R.to(self.Z.dtype)
+
+    def _null_part(self) -> torch.Tensor:
+        if self.R_null is not None:
+            return self.R_null.double()
+        # Built projected: the null-space part of the seeded R_0 (it never affects training).
+        R_0 = self._draw()[1].to(self.B.device)
+        null = projection.project_onto_feedback(self.B_by_group(), self.R_by_group(R_0))[1]
+        return null.reshape(self.R_shape)
+
+    @torch.no_grad()
+    def as_explicit(self, with_null: bool = True) -> ExplicitFeedback:
+        """The explicit parametrization of this feedback (a new module sharing B): R = B^T Z + N."""
+        explicit = ExplicitFeedback(**self._settings(), reset=False)
+        explicit._share_fixed_state(self)
+        explicit.R = nn.Parameter(self.explicit_R(with_null), requires_grad=self.Z.requires_grad)
+        return explicit
+
+    def _warn_if_ill_conditioned(self) -> None:
+        # Z = pinv(B^T) R, so W_fb = M·Z cancels large terms when B is ill-conditioned: rounding in M·Z grows by up to
+        # cond(B). Random B: cond ~ (1 + r^-1/2) / (1 - r^-1/2), 1.9 at r = 10, 5.8 at r = 2, unbounded near r = 1.
+        if self.condition_number > CONDITION_WARNING:
+            # One message text (the figures are in .condition_number), so that a converted model warns once.
+            warnings.warn(
+                f"projected feedback with an ill-conditioned B (cond(B) > {CONDITION_WARNING:.0f}; see "
+                f"layer.feedback.condition_number): rounding errors in W_fb = M·Z are amplified up to that factor. "
+                f"A random B with expand_ratio >= 2 per group, or feedback_init='orthogonal', is well "
+                "conditioned; parametrization='explicit' has no such amplification", stacklevel=4)
+
+    def _prepare_load(self, state_dict, prefix) -> None:
+        # R_null is None (seeded) unless the layer was switched from an explicit R; follow the checkpoint.
+        key = prefix + "R_null"
+        self.R_null = torch.empty_like(state_dict[key], device=self.B.device) if key in state_dict else None
+
+
+_FEEDBACK_CLASSES = {"explicit": ExplicitFeedback, "projected": ProjectedFeedback}
+
+
+def make_feedback(out_channels: int, in_channels_per_group: int, kernel_size: tuple[int, ...] = (), groups: int = 1,
+                  expand_ratio=10, feedback_init: str = "random", feedback_density=1.0, seed: int | None = None,
+                  device=None, dtype=None, parametrization: str = "explicit",
+                  feedback_groups: str = "grouped") -> PFAFeedback:
+    """The PFA feedback module of a layer with these settings: the one place that picks the parametrization's class.
+    A layer with weight (C_out, C_in/groups, *kernel) passes out_channels = C_out, in_channels_per_group = C_in/groups.
+    """
+    check_feedback_options(feedback_init, feedback_density, parametrization, feedback_groups)
+    return _FEEDBACK_CLASSES[parametrization](out_channels, in_channels_per_group, kernel_size, groups, expand_ratio,
+                                              feedback_init, feedback_density, seed, device=device, dtype=dtype,
+                                              feedback_groups=feedback_groups)

@@ -29,8 +29,10 @@ def feedback_weights(model: nn.Module, backend: str = "auto") -> dict[str, torch
     backend = dispatch.check_backend(backend, device.type, next(iter(layers.values())).weight.dtype, device)
     if backend != "triton":
         return {name: layer.feedback_weight() for name, layer in layers.items()}
-    fixed = {name: layer.feedback_weight() for name, layer in layers.items() if layer.rule != "pfa"}
-    layers = {name: layer for name, layer in layers.items() if layer.rule == "pfa"}
+    # Fixed rules and grouped feedback (its products are C_out/G-row blocks already in W's layout) layer by layer.
+    fixed = {name: layer.feedback_weight() for name, layer in layers.items()
+             if layer.rule != "pfa" or layer.feedback.grouped}
+    layers = {name: layer for name, layer in layers.items() if name not in fixed}
     if not layers:
         return fixed
     from .backends.triton import grouped_matmul as _grouped_matmul  # noqa: F401  (registers the op)

@@ -12,6 +12,9 @@ Feedback keyword arguments (keyword-only, shared by every layer and pk.convert):
     parametrization   "explicit" (R held as a Parameter) or "projected" (Z, W's shape, with W_fb = M·Z:
                       exact for SGD-family optimizers at BP's cost, docs/design.md section 2.4; see
                       pk.reparametrize and pk.check_optimizer)
+    feedback_groups   convolutions with groups > 1: "grouped" (B block-diagonal per group, so W_fb, R, Z and M
+                      are grouped like W and the backward costs BP's; the default) or "dense" (one dense B
+                      mixing every group into every output, as the authors' code; docs/design.md section 2.5)
     strategy          "auto" | "product" | "sequence" | "reference" (the literal algorithm)
     backend           "auto" | "torch" | "triton" | "cpp" (a named backend must be available)
     feedback_seed     int or None: the seed B, R and the masks are drawn from
@@ -29,7 +32,7 @@ from torch import nn
 
 from . import dispatch, functional, ops, planner
 from .baselines import FIXED_RULES, FixedFeedback
-from .feedback import PFAFeedback, check_feedback_options
+from .feedback import check_feedback_options, make_feedback
 
 RULES = ("pfa", *FIXED_RULES)
 
@@ -38,11 +41,12 @@ class _PFAMixin:
     """Feedback state and settings shared by every PFA layer."""
 
     def _init_feedback(self, in_per_group, kernel_size, groups, expand_ratio, feedback_init, feedback_density,
-                       parametrization, strategy, backend, feedback_seed, device, dtype, rule="pfa"):
+                       parametrization, strategy, backend, feedback_seed, device, dtype, rule="pfa",
+                       feedback_groups="grouped"):
         if rule == "pfa":
-            self.feedback = PFAFeedback(self.weight.shape[0], in_per_group, kernel_size, groups, expand_ratio,
-                                        feedback_init, feedback_density, feedback_seed, device=device, dtype=dtype,
-                                        parametrization=parametrization)
+            self.feedback = make_feedback(self.weight.shape[0], in_per_group, kernel_size, groups, expand_ratio,
+                                          feedback_init, feedback_density, feedback_seed, device=device, dtype=dtype,
+                                          parametrization=parametrization, feedback_groups=feedback_groups)
         else:
             self.feedback = FixedFeedback(rule, tuple(self.weight.shape), feedback_seed, device=device, dtype=dtype)
         self.strategy = strategy
@@ -62,8 +66,8 @@ class _PFAMixin:
         return self.feedback.feedback_weight_for(self.weight)
 
     def _feedback_arguments(self):
-        """(B, M, feedback tensor, parametrization) as the functional ops take them."""
-        return self.feedback.op_arguments(self.weight)
+        """(weight, B, M, feedback tensor, parametrization) as the functional ops take them."""
+        return self.feedback.op_arguments(self.weight, self.strategy)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -85,9 +89,10 @@ class _PFAMixin:
     def _feedback_extra_repr(self) -> str:
         if self.rule != "pfa":
             return f", rule={self.rule!r}, backend={self.backend!r}"
+        grouping = f", feedback_groups={self.feedback.feedback_groups!r}" if self.feedback.groups > 1 else ""
         return (f", expand_ratio={self.feedback.expand_ratio}, feedback_init={self.feedback.feedback_init!r}, "
-                f"feedback_density={self.feedback.feedback_density}, parametrization={self.parametrization!r}, "
-                f"strategy={self.strategy!r}, backend={self.backend!r}")
+                f"feedback_density={self.feedback.feedback_density}{grouping}, "
+                f"parametrization={self.parametrization!r}, strategy={self.strategy!r}, backend={self.backend!r}")
 
     def backward_plan(self, input_shape, need_input_grad: bool = True) -> planner.Plan:
         """The backward's plan (orders, backend, multiply-adds of every candidate) for an input of this shape.
@@ -108,10 +113,10 @@ class _PFAMixin:
         feedback_parameter = self.feedback.parameter
         mask = [need_input_grad, self.weight.requires_grad, self.bias is not None,
                 feedback_parameter is not None and feedback_parameter.requires_grad]
-        B, M, feedback = self.feedback.op_arguments(self.weight)[:3]
+        with torch.no_grad():
+            B, M, feedback, parametrization = self.feedback.op_arguments(self.weight)[1:]
         plan_args = (output_shape, self.weight.shape, self.feedback.mid_channels, groups, strategy)
-        plan_kwargs = dict(output_mask=mask, parametrization=self.parametrization,
-                           keeps_projection_matrix=M is not None)
+        plan_kwargs = dict(output_mask=mask, parametrization=parametrization, keeps_projection_matrix=M is not None)
         if backend != "auto":
             return ops.plan_backward(*plan_args, backend, **plan_kwargs)
         plan = ops.plan_backward(*plan_args, "torch", **plan_kwargs)
@@ -119,7 +124,7 @@ class _PFAMixin:
         conv = ((list(self.stride), self._op_padding()[1], list(self.dilation), groups)
                 if hasattr(self, "stride") else ())
         key = ops.dispatch_key(device, dtype, output_shape, self.weight.shape, None if B is None else B.shape,
-                               M is not None, feedback.shape, conv, self.parametrization, strategy, mask)
+                               M is not None, feedback.shape, conv, parametrization, strategy, mask)
         decision = dispatch.cached(key)
         if decision is None:
             why = ("PFA_KERNELS_DISPATCH=static: the PyTorch backend" if dispatch.mode() == "static" else
@@ -135,25 +140,30 @@ class _PFAMixin:
 
 
 _PFA_DEFAULTS = {"expand_ratio": 10, "feedback_init": "random", "feedback_density": 1.0,
-                 "parametrization": "explicit", "strategy": "auto"}
+                 "parametrization": "explicit", "strategy": "auto", "feedback_groups": "grouped"}
 _INT64 = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule="pfa",
-                         expand_ratio=10, feedback_seed=None):
+                         expand_ratio=10, feedback_seed=None, feedback_groups="grouped", groups=1):
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
     if rule != "pfa":  # a fixed-feedback rule has no B, R or order: PFA arguments would be silently ignored
         given = dict(expand_ratio=expand_ratio, feedback_init=feedback_init, feedback_density=feedback_density,
-                     parametrization=parametrization, strategy=strategy)
+                     parametrization=parametrization, strategy=strategy, feedback_groups=feedback_groups)
         ignored = sorted(name for name, value in given.items() if value != _PFA_DEFAULTS[name])
         if ignored:
             raise TypeError(f"rule={rule!r} is a fixed-feedback rule: it takes backend and feedback_seed, not the PFA "
                             f"arguments {ignored}")
     if isinstance(feedback_seed, int) and not _INT64[0] <= feedback_seed <= _INT64[1]:  # other types: feedback.py
         raise ValueError(f"feedback_seed must be in [-2**63, 2**64 - 1] (a torch.Generator seed); got {feedback_seed}")
-    check_feedback_options(feedback_init, feedback_density, parametrization)
+    check_feedback_options(feedback_init, feedback_density, parametrization, feedback_groups)
     functional.check_strategy_for(strategy, parametrization)
+    if strategy == "sequence" and groups > 1 and feedback_groups == "grouped" and rule == "pfa":
+        raise ValueError(
+            "strategy='sequence' is not an order of grouped feedback: its W_fb has W's shape, so dL/dx is "
+            "backpropagation's GEMM with W_fb (the product order, which strategy='auto' and 'product' take). "
+            "Use feedback_groups='dense' for the sequence order through B and R")
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}; got {backend!r}")
 
@@ -167,17 +177,18 @@ class PFALinear(_PFAMixin, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  expand_ratio=10, feedback_init="random", feedback_density=1.0, parametrization="explicit",
-                 strategy="auto", backend="auto", feedback_seed=None, rule="pfa"):
+                 strategy="auto", backend="auto", feedback_seed=None, rule="pfa", feedback_groups="grouped"):
         _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule, expand_ratio,
-                             feedback_seed)
+                             feedback_seed, feedback_groups)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_feedback(in_features, (), 1, expand_ratio, feedback_init, feedback_density, parametrization,
-                            strategy, backend, feedback_seed, device, dtype, rule)
+                            strategy, backend, feedback_seed, device, dtype, rule, feedback_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._needs_pfa_backward(x):
             return F.linear(x, self.weight, self.bias)
-        return functional._linear(x, self.weight, self.bias, *self._feedback_arguments(), self.strategy, self.backend)
+        weight, B, M, feedback, parametrization = self._feedback_arguments()
+        return functional._linear(x, weight, self.bias, B, M, feedback, parametrization, self.strategy, self.backend)
 
     def _meta_forward(self, x, weight):
         return F.linear(x, weight)
@@ -190,10 +201,10 @@ class _PFAConvNd(_PFAMixin):
     _spatial_dims: int
 
     def _init_conv_feedback(self, expand_ratio, feedback_init, feedback_density, parametrization, strategy,
-                            backend, feedback_seed, device, dtype, rule):
+                            backend, feedback_seed, device, dtype, rule, feedback_groups):
         self._init_feedback(self.in_channels // self.groups, self.kernel_size, self.groups, expand_ratio,
                             feedback_init, feedback_density, parametrization, strategy, backend, feedback_seed,
-                            device, dtype, rule)
+                            device, dtype, rule, feedback_groups)
 
     def _op_padding(self):
         """(explicit pad for F.pad or None, the op's symmetric zero padding)."""
@@ -212,7 +223,8 @@ class _PFAConvNd(_PFAMixin):
         if pads is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pads, mode=mode)
-        return functional._conv(self._spatial_dims, x, self.weight, self.bias, *self._feedback_arguments(),
+        weight, B, M, feedback, parametrization = self._feedback_arguments()
+        return functional._conv(self._spatial_dims, x, weight, self.bias, B, M, feedback, parametrization,
                                 list(self.stride), padding, list(self.dilation), self.groups, self.strategy,
                                 self.backend)
 
@@ -231,13 +243,13 @@ def _conv_class(base: type[nn.Module], spatial_dims: int, name: str):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
                  padding_mode="zeros", device=None, dtype=None, *, expand_ratio=10, feedback_init="random",
                  feedback_density=1.0, parametrization="explicit", strategy="auto", backend="auto",
-                 feedback_seed=None, rule="pfa"):
+                 feedback_seed=None, rule="pfa", feedback_groups="grouped"):
         _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule, expand_ratio,
-                             feedback_seed)
+                             feedback_seed, feedback_groups, groups)
         base.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                       padding_mode, device=device, dtype=dtype)
         self._init_conv_feedback(expand_ratio, feedback_init, feedback_density, parametrization, strategy, backend,
-                                 feedback_seed, device, dtype, rule)
+                                 feedback_seed, device, dtype, rule, feedback_groups)
 
     doc = (f"nn.{base.__name__} with PFA feedback. Input (N, C_in, *spatial) or (C_in, *spatial), {spatial_dims} "
            f"spatial dims.\n\n    weight (C_out, C_in/groups, *kernel), bias (C_out,); feedback.B (C_out, C_mid), "

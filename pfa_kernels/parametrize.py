@@ -38,7 +38,8 @@ def reparametrize(model: nn.Module, parametrization: str) -> nn.Module:
     """Switch every PFA layer of `model` to "projected" or "explicit" in place; return the model.
 
     projected: Z_0 = M^+ B R (the minimum-norm Z with B^T Z = R when C_mid < C_out), so W_fb = B·R is
-    kept exactly; R's null-space part N (B N = 0) is kept as feedback.R_null. explicit: R = B^T Z + N,
+    kept exactly; R's null-space part N (B N = 0) is kept as feedback.R_null. Each layer gets a new feedback
+    module (feedback.ExplicitFeedback or ProjectedFeedback) sharing its B. explicit: R = B^T Z + N,
     so a round trip returns the same R. Parameters are replaced: build the optimizer afterwards.
     Raises (changing nothing) if any layer cannot switch: a masked R or strategy "reference" cannot be
     projected.
@@ -60,14 +61,14 @@ def reparametrize(model: nn.Module, parametrization: str) -> nn.Module:
                 raise ValueError(f"layer {name!r} has strategy='reference' (the literal algorithm), which needs an "
                                  f"explicit R; set its strategy to 'auto' first")
     for name, layer in layers.items():
+        if layer.parametrization == parametrization:
+            continue
         before = layer.feedback.parameter
-        if parametrization == "projected":
-            layer.feedback.to_projected()
-        else:
-            layer.feedback.to_explicit()
-        if layer.feedback.parameter is not before:
-            # An optimizer built earlier still holds `before`: check_optimizer recognises it by this mark.
-            before._replaced_by_reparametrize = name
+        # A new feedback module of the other parametrization (feedback.py), sharing B and the masks.
+        feedback = layer.feedback
+        layer.feedback = feedback.as_projected() if parametrization == "projected" else feedback.as_explicit()
+        # An optimizer built earlier still holds `before`: check_optimizer recognises it by this mark.
+        before._replaced_by_reparametrize = name
     return model
 
 

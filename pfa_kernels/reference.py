@@ -14,6 +14,9 @@ Shapes (a linear layer is the same with no kernel or spatial dims; x may have an
 
     x  (N, C_in, *spatial)             W  (C_out, C_in / groups, *kernel)    b (C_out,) or None
     B  (C_out, C_mid)  fixed           R  (C_mid, C_in / groups, *kernel)
+
+Grouped feedback (feedback_groups="grouped") is this algorithm with a block-diagonal B (block_diagonal_feedback);
+"dense" is it with the layer's dense B, as in the authors' code.
 """
 
 from __future__ import annotations
@@ -121,6 +124,19 @@ def feedback_weight(B: torch.Tensor, R: torch.Tensor, groups: int = 1) -> torch.
         rows = slice(group * mid_per_group, (group + 1) * mid_per_group)
         blocks.append(torch.tensordot(B[:, rows], R[rows], dims=1))
     return torch.cat(blocks, dim=1)
+
+
+def block_diagonal_feedback(B: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped feedback's B as one dense matrix: B (C_out, C_mid/G), row block j = B_j (C_out/G, C_mid/G), ->
+    (C_out, C_mid) with B_j at (rows of group j, mid channels of group j) and zeros elsewhere. With it the literal
+    algorithm above is grouped feedback's: group j's mid population reaches group j's outputs only."""
+    out_channels, mid_per_group = B.shape
+    rows = out_channels // groups
+    dense = B.new_zeros(out_channels, mid_per_group * groups)
+    for group in range(groups):
+        dense[group * rows:(group + 1) * rows, group * mid_per_group:(group + 1) * mid_per_group] = \
+            B[group * rows:(group + 1) * rows]
+    return dense
 
 
 def fixed_feedback_linear(x, weight, bias, feedback_weight):

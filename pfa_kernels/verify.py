@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .backends.torch_ops import feedback_grad_from_correlation
-from .feedback import explicit_from_projected, projection_matrix
 from .nn import PFA_LAYERS
 
 
@@ -120,10 +118,8 @@ def _literal_twin(model):
         if isinstance(module, PFA_LAYERS) and module.rule == "pfa":
             if module.parametrization == "projected":
                 # R = B^T Z exactly in float64: the null-space part N (R = B^T Z + N) changes no W_fb and no
-                # gradient, and the one to_explicit re-derives from the seed is only float32-exact (B N ~ 1e-7).
-                R = explicit_from_projected(module.feedback.B, module.feedback.Z, module.feedback.groups)
-                module.feedback.to_explicit()
-                module.feedback.R.copy_(R)
+                # gradient, and the one re-derived from the seed is only float32-exact (B N ~ 1e-7).
+                module.feedback = module.feedback.as_explicit(with_null=False)
             module.strategy = "reference"
     return twin
 
@@ -134,8 +130,8 @@ def _float64_copy(model):
     1e-7 away from the float64 product the literal algorithm forms)."""
     fast = copy.deepcopy(model).double()
     for module in fast.modules():
-        if isinstance(module, PFA_LAYERS) and module.rule == "pfa" and module.feedback.M is not None:
-            module.feedback.M.copy_(projection_matrix(module.feedback.B, module.feedback.groups))
+        if isinstance(module, PFA_LAYERS) and module.parametrization == "projected":
+            module.feedback.refresh_projection_matrix()
     return fast
 
 
@@ -172,7 +168,7 @@ def verify(model: nn.Module, example_inputs, tolerance: float = 1e-8, seed: int 
             grad = layer.feedback.parameter.grad
             check.feedback_has_grad = grad is not None
             if grad is not None and layer.parametrization == "projected":
-                grad = feedback_grad_from_correlation(layer.feedback.B, grad, layer.feedback.groups)
+                grad = layer.feedback.R_grad_from_weight_grad(grad)
             pairs["feedback"] = (grad, twin.feedback.parameter.grad)
         # Weight and bias against the norm of the layer's whole parameter gradient (dW, db): a bias in front of
         # a BatchNorm has a gradient that is 0 in exact arithmetic and ~1e-17 of rounding either way, whose

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pfa_kernels as pk
-from pfa_kernels import reference
+from pfa_kernels import projection, reference
 from pfa_kernels.backends import torch_ops
 
 # Relative error bounds (norm of the difference / norm of the reference) against a float64 reference.
@@ -86,12 +86,12 @@ def literal_forward(layer):
     def forward(x):
         R = layer.feedback.effective_R()
         if isinstance(layer, pk.PFALinear):
-            return reference.pfa_linear(x, layer.weight, layer.bias, layer.feedback.B, R)
+            return reference.pfa_linear(x, layer.weight, layer.bias, layer.feedback.dense_B(), R)
         padding = layer.padding
         if layer.padding_mode != "zeros":
             x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
             padding = 0
-        return reference.pfa_conv(x, layer.weight, layer.bias, layer.feedback.B, R, layer.stride, padding,
+        return reference.pfa_conv(x, layer.weight, layer.bias, layer.feedback.dense_B(), R, layer.stride, padding,
                                   layer.dilation, layer.groups)
     return forward
 
@@ -99,13 +99,13 @@ def literal_forward(layer):
 def explicit_twin(layer):
     """A copy of a projected layer switched to explicit R = B^T Z + N: the same W_fb, for the literal algorithm."""
     twin = copy.deepcopy(layer)
-    twin.feedback.to_explicit()
+    twin.feedback = twin.feedback.as_explicit()
     return twin
 
 
 def projected_to_R_grad(layer, grad_Z):
     """What dL/dZ of a projected layer means for R: dL/dR = B^T dL/dZ per group (docs/design.md section 2.4)."""
-    return torch_ops.feedback_grad_from_correlation(layer.feedback.B, grad_Z, layer.feedback.groups)
+    return layer.feedback.R_grad_from_weight_grad(grad_Z)
 
 
 def assert_matches_reference(layer, x, bound):
@@ -159,6 +159,31 @@ CONV_CASES = {
     "3d-groups": (pk.PFAConv3d, nn.Conv3d, dict(in_channels=4, out_channels=4, kernel_size=(1, 3, 3), groups=2,
                                                 padding=(0, 1, 1)), (1, 4, 3, 5, 4)),
 }
+
+
+def is_grouped_case(case) -> bool:
+    return case in CONV_CASES and CONV_CASES[case][2].get("groups", 1) > 1
+
+
+def feedback_group_runs(cases, strategies=STRATEGIES):
+    """(case, strategy, feedback_groups) runs: cases with groups > 1 under both feedback structures ("grouped", the
+    default, and "dense", the authors'), the others once. Grouped feedback has no sequence order: with strategy
+    "sequence" the layer refuses to build (test_nn.py checks that), so those runs are "dense" only."""
+    return [(case, strategy, feedback_groups) for case in cases for strategy in strategies
+            for feedback_groups in (("grouped", "dense") if is_grouped_case(case) else ("grouped",))
+            if not (feedback_groups == "grouped" and strategy == "sequence" and is_grouped_case(case))]
+
+
+def dense_projection(B, R, groups, keep_M=True):
+    """Z_0 = pinv(B_j^T) R_j and M_j = B_j B_j^T of dense feedback (B (C_out, C_mid), R (C_mid, C_in/G, *kernel)) in
+    the layout the functional projected ops take: Z (C_out, C_in, *kernel), M (G, C_out, C_out) or None."""
+    B_by_group = torch_ops.grouped_B(B, groups)
+    R_by_group = R.reshape(groups, R.shape[0] // groups, -1)
+    Z_by_group = projection.project_onto_feedback(B_by_group, R_by_group)[0]
+    out_channels = B.shape[0]
+    Z = Z_by_group.reshape(groups, out_channels, *R.shape[1:]).transpose(0, 1)
+    Z = Z.reshape(out_channels, groups * R.shape[1], *R.shape[2:]).contiguous()
+    return Z, projection.projection_matrix(B_by_group) if keep_M else None
 
 
 def build(case, dtype=torch.float64, **feedback):

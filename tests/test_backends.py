@@ -18,10 +18,10 @@ from conftest import (
     DEVICES,
     LOW_PRECISION_ERROR_FACTOR,
     LOW_PRECISION_FLOOR,
-    STRATEGIES,
     TOLERANCE,
     build,
     explicit_twin,
+    feedback_group_runs,
     layer_gradients,
     literal_forward,
     projected_to_R_grad,
@@ -53,7 +53,7 @@ def _skip_unrunnable(device, backend, dtype):
         pytest.skip("Triton takes fp32/fp16/bf16 (float64 raising is tested below)")
 
 
-def _float64_layer(case, strategy, parametrization, dtype=torch.float64):
+def _float64_layer(case, strategy, parametrization, dtype=torch.float64, feedback_groups="grouped"):
     # Projected rounding grows with cond(B) (5.6 at r = 2, 1.9 at the paper's r = 10): fp16/bf16 rows of projected
     # layers use r = 10, as tests/test_functional.py's autocast test does, so the bound measures the kernels.
     ratio = {"expand_ratio": 10} if parametrization == "projected" and dtype not in TOLERANCE else {}
@@ -61,7 +61,8 @@ def _float64_layer(case, strategy, parametrization, dtype=torch.float64):
         layer = pk.PFALinear(9, 7, dtype=torch.float64, strategy=strategy, parametrization=parametrization,
                              **{"expand_ratio": 3, **ratio})
         return layer, torch.randn(2, 5, 9, dtype=torch.float64)
-    layer, _, _, x = build(case, strategy=strategy, parametrization=parametrization, **ratio)
+    layer, _, _, x = build(case, strategy=strategy, parametrization=parametrization, feedback_groups=feedback_groups,
+                           **ratio)
     return layer, x
 
 
@@ -80,14 +81,13 @@ def _cpu64(layer):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case, strategy, feedback_groups", feedback_group_runs(CASES))
 @pytest.mark.parametrize("device", DEVICES)
-def test_backend_matches_reference(device, case, strategy, parametrization, backend, dtype):
+def test_backend_matches_reference(device, case, strategy, feedback_groups, parametrization, backend, dtype):
     """float64/float32: relative error against the float64 literal algorithm on the same (rounded) values below
     TOLERANCE; fp16/bf16: at most 3x the error of the literal algorithm run in that dtype on that device."""
     _skip_unrunnable(device, backend, dtype)
-    exact_layer, x = _float64_layer(case, strategy, parametrization, dtype)
+    exact_layer, x = _float64_layer(case, strategy, parametrization, dtype, feedback_groups)
     layer = copy.deepcopy(exact_layer).to(device, dtype)
     layer.backend = backend
     exact_layer.load_state_dict(_cpu64(layer).state_dict())  # the reference sees the rounded values

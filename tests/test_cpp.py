@@ -10,7 +10,15 @@ import sys
 
 import pytest
 import torch
-from conftest import CONV_CASES, STRATEGIES, TOLERANCE, assert_matches_reference, build, relative_error
+from conftest import (
+    CONV_CASES,
+    STRATEGIES,
+    TOLERANCE,
+    assert_matches_reference,
+    build,
+    feedback_group_runs,
+    relative_error,
+)
 
 import pfa_kernels as pk
 from pfa_kernels.backends import cpp
@@ -58,10 +66,9 @@ def test_fused_cpu_kernel(shape, dtype):
         assert relative_error(fused, exact) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_conv_backend_cpp_matches_reference(case, strategy):
-    layer, _, _, x = build(case, strategy=strategy, backend="cpp")
+@pytest.mark.parametrize("case, strategy, feedback_groups", feedback_group_runs(sorted(CONV_CASES)))
+def test_conv_backend_cpp_matches_reference(case, strategy, feedback_groups):
+    layer, _, _, x = build(case, strategy=strategy, backend="cpp", feedback_groups=feedback_groups)
     assert layer.backward_plan(x.shape).backend == "cpp"
     assert_matches_reference(layer, x, TOLERANCE[torch.float64])
 

@@ -176,14 +176,17 @@ def _cases():
               "linear-Cin0": (lambda **kw: pk.PFALinear(0, 3, **kw), lambda **kw: nn.Linear(0, 3, **kw), (5, 0)),
               "conv-N0": (lambda **kw: pk.PFAConv2d(3, 4, 3, padding=1, **kw),
                           lambda **kw: nn.Conv2d(3, 4, 3, padding=1, **kw), (0, 3, 5, 5)),
-              "conv-N0-groups2": (lambda **kw: pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2, **kw),
+              "conv-N0-groups2": (lambda **kw: pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2, feedback_groups="dense",
+                                                            **kw),
                                   lambda **kw: nn.Conv2d(4, 4, 3, groups=2, **kw), (0, 4, 5, 5)),
+              "conv-N0-grouped-feedback": (lambda **kw: pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2, **kw),
+                                           lambda **kw: nn.Conv2d(4, 4, 3, groups=2, **kw), (0, 4, 5, 5)),
               "conv-Cin0": (lambda **kw: pk.PFAConv2d(0, 4, 3, **kw), lambda **kw: nn.Conv2d(0, 4, 3, **kw),
                             (2, 0, 5, 5))}
     for name, sample in _opcheck_samples():
         cases[f"opcheck-{name}"] = (_opcheck, sample)
     for name, (make_layer, make_nn, shape) in layers.items():
-        for strategy in ("auto", "product", "sequence"):
+        for strategy in ("auto", "product") if name.endswith("grouped-feedback") else ("auto", "product", "sequence"):
             cases[f"layer-{name}-{strategy}"] = (_layer, (make_layer, make_nn, shape, strategy))
     return cases
 

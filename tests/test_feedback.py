@@ -13,15 +13,15 @@ import torchvision
 from conftest import relative_error
 
 import pfa_kernels as pk
-from pfa_kernels.backends.torch_ops import feedback_product
+from pfa_kernels.backends import torch_ops
 from pfa_kernels.demo import small_cnn
-from pfa_kernels.feedback import PFAFeedback, mid_channels_for
+from pfa_kernels.feedback import make_feedback, mid_channels_for
 
 
 def test_random_B_has_identity_second_moment():
     """Var(B_ij) = 1/C_mid, so E[B B^T] = I (docs/design.md §1), for several expand ratios."""
     for expand_ratio in (1, 3, 10):
-        feedback = PFAFeedback(64, 8, (3, 3), expand_ratio=expand_ratio, seed=0)
+        feedback = make_feedback(64, 8, (3, 3), expand_ratio=expand_ratio, seed=0)
         B = feedback.B.double()
         variance = B.var().item()
         assert abs(variance * feedback.mid_channels - 1) < 0.05, (expand_ratio, variance)
@@ -30,7 +30,7 @@ def test_random_B_has_identity_second_moment():
 
 
 def test_sparse_B_keeps_its_variance_and_masks_hold():
-    feedback = PFAFeedback(64, 8, (3, 3), expand_ratio=4, feedback_density=0.25, seed=3)
+    feedback = make_feedback(64, 8, (3, 3), expand_ratio=4, feedback_density=0.25, seed=3)
     B = feedback.B.double()
     assert abs(B.pow(2).mean().item() * feedback.mid_channels - 1) < 0.1
     assert torch.equal(feedback.B != 0, feedback.B_mask)
@@ -52,17 +52,17 @@ def test_masked_R_entries_stay_zero_through_training():
 
 
 def test_orthogonal_and_identity():
-    orthogonal = PFAFeedback(16, 4, (3,), expand_ratio=1, feedback_init="orthogonal", seed=1)
+    orthogonal = make_feedback(16, 4, (3,), expand_ratio=1, feedback_init="orthogonal", seed=1)
     torch.testing.assert_close(orthogonal.B @ orthogonal.B.t(), torch.eye(16), atol=1e-5, rtol=0)
-    wide = PFAFeedback(16, 4, (3,), expand_ratio=4, feedback_init="orthogonal", seed=1)
+    wide = make_feedback(16, 4, (3,), expand_ratio=4, feedback_init="orthogonal", seed=1)
     torch.testing.assert_close(wide.B @ wide.B.t(), torch.eye(16), atol=1e-5, rtol=0)
-    identity = PFAFeedback(16, 4, (3,), expand_ratio=1, feedback_init="identity", seed=1)
+    identity = make_feedback(16, 4, (3,), expand_ratio=1, feedback_init="identity", seed=1)
     assert torch.equal(identity.B, torch.eye(16))
 
 
 def test_same_seed_same_feedback_on_any_device_and_dtype():
-    a = PFAFeedback(8, 3, (3, 3), expand_ratio=2, feedback_density=0.5, seed=42)
-    b = PFAFeedback(8, 3, (3, 3), expand_ratio=2, feedback_density=0.5, seed=42, dtype=torch.float64)
+    a = make_feedback(8, 3, (3, 3), expand_ratio=2, feedback_density=0.5, seed=42)
+    b = make_feedback(8, 3, (3, 3), expand_ratio=2, feedback_density=0.5, seed=42, dtype=torch.float64)
     assert torch.equal(a.B, b.B.float()) and torch.equal(a.R_mask, b.R_mask)
     torch.manual_seed(7)
     layer_a = pk.PFALinear(6, 4)
@@ -72,11 +72,22 @@ def test_same_seed_same_feedback_on_any_device_and_dtype():
     assert not torch.equal(pk.PFALinear(6, 4).feedback.B, layer_a.feedback.B)
 
 
-def test_feedback_weight_matches_literal_product():
+@pytest.mark.parametrize("feedback_groups", ["grouped", "dense"])
+def test_feedback_weight_matches_literal_product(feedback_groups):
+    """W_fb against the literal product with the literal (dense, block-diagonal for grouped feedback) B: dense
+    feedback's W_fb is that product, grouped feedback's is its diagonal blocks (zeros elsewhere)."""
     for groups in (1, 3):
-        feedback = PFAFeedback(6, 2, (3, 3), groups=groups, expand_ratio=2, seed=0, dtype=torch.float64)
-        expected = pk.reference.feedback_weight(feedback.B, feedback.R, groups)
-        assert feedback.feedback_weight().shape == (6, 2 * groups, 3, 3)
+        feedback = make_feedback(6, 2, (3, 3), groups=groups, expand_ratio=2, seed=0, dtype=torch.float64,
+                                 feedback_groups=feedback_groups)
+        expected = pk.reference.feedback_weight(feedback.dense_B(), feedback.R, groups)
+        if feedback.grouped:
+            assert feedback.B.shape == (6, 4) and feedback.feedback_weight().shape == (6, 2, 3, 3)
+            blocks = expected.reshape(groups, 2, groups, 2, 3, 3)
+            off_diagonal = ~torch.eye(groups, dtype=torch.bool)
+            assert blocks.permute(0, 2, 1, 3, 4, 5)[off_diagonal].abs().max() == 0
+            expected = torch_ops.weight_grad_from_correlation(expected, groups)
+        else:
+            assert feedback.B.shape == (6, 12) and feedback.feedback_weight().shape == (6, 2 * groups, 3, 3)
         torch.testing.assert_close(feedback.feedback_weight(), expected, rtol=1e-12, atol=1e-14)
 
 
@@ -88,7 +99,7 @@ def test_mid_channels_rounding(expand_ratio, out_channels, expected):
 
 def test_bad_seed_raises():
     with pytest.raises(TypeError, match="feedback_seed"):
-        PFAFeedback(4, 4, (), seed="abc")
+        make_feedback(4, 4, (), seed="abc")
 
 
 def test_feedback_is_identical_in_another_process():
@@ -106,32 +117,41 @@ def test_feedback_is_identical_in_another_process():
 
 
 def test_density_pair_masks_B_and_R_separately():
-    B_only = PFAFeedback(6, 3, (3,), expand_ratio=2, feedback_density=(0.5, 1.0), seed=1)
-    both = PFAFeedback(6, 3, (3,), expand_ratio=2, feedback_density=0.5, seed=1)
+    B_only = make_feedback(6, 3, (3,), expand_ratio=2, feedback_density=(0.5, 1.0), seed=1)
+    both = make_feedback(6, 3, (3,), expand_ratio=2, feedback_density=0.5, seed=1)
     assert B_only.R_mask is None and B_only.B_mask is not None
     assert torch.equal(B_only.B, both.B)  # a scalar density is the pair (d, d): the same draws for B
-    R_only = PFAFeedback(6, 3, (3,), expand_ratio=2, feedback_density=(1, 0.5), seed=1)
+    R_only = make_feedback(6, 3, (3,), expand_ratio=2, feedback_density=(1, 0.5), seed=1)
     assert R_only.B_mask is None and not R_only.R_mask.all()
     for bad, error in (((0.5,), TypeError), ((0.5, 0), ValueError), (("a", 1), TypeError), ((1, 1.5), ValueError)):
         with pytest.raises(error, match="feedback_density"):
-            PFAFeedback(6, 3, feedback_density=bad)
+            make_feedback(6, 3, feedback_density=bad)
 
 
 def test_projection_matrix_is_kept_only_when_cheaper():
-    """M (G, C_out, C_out) is kept when G * C_out <= 2 * C_mid; else M·Z is applied as B_j (B_j^T Z_j)."""
-    kept = PFAFeedback(8, 2, (3, 3), groups=2, expand_ratio=1, parametrization="projected", seed=0)
+    """Dense feedback keeps M (G, C_out, C_out) when G * C_out <= 2 * C_mid, else M·Z is applied as B_j (B_j^T Z_j);
+    grouped feedback's M_j is (C_out/G, C_out/G), kept when C_out/G <= 2 * C_mid/G (expand_ratio >= 1/2)."""
+    kept = make_feedback(8, 2, (3, 3), groups=2, expand_ratio=1, parametrization="projected", seed=0,
+                         feedback_groups="dense")
     assert kept.M.shape == (2, 8, 8) and kept.Z.shape == (8, 4, 3, 3)
-    through_B = PFAFeedback(8, 1, (3, 3), groups=8, expand_ratio=1, parametrization="projected", seed=0)
+    through_B = make_feedback(8, 1, (3, 3), groups=8, expand_ratio=1, parametrization="projected", seed=0,
+                              feedback_groups="dense")
     assert through_B.M is None and through_B.Z.shape == (8, 8, 3, 3)
     assert "M" not in through_B.state_dict() and "parametrization='projected'" in repr(through_B)
-    explicit = PFAFeedback(8, 1, (3, 3), groups=8, expand_ratio=1, seed=0)
+    explicit = make_feedback(8, 1, (3, 3), groups=8, expand_ratio=1, seed=0, feedback_groups="dense")
     torch.testing.assert_close(through_B.feedback_weight(), explicit.feedback_weight())
     with pytest.raises(RuntimeError, match="projected"):
         through_B.effective_R()
+    grouped = make_feedback(8, 1, (3, 3), groups=8, expand_ratio=1, parametrization="projected", seed=0)
+    assert grouped.M.shape == (8, 1, 1) and grouped.Z.shape == (8, 1, 3, 3)
+    grouped_explicit = make_feedback(8, 1, (3, 3), groups=8, expand_ratio=1, seed=0)
+    torch.testing.assert_close(grouped.feedback_weight(), grouped_explicit.feedback_weight())
+    thin = make_feedback(8, 1, (3, 3), groups=2, expand_ratio=0.25, parametrization="projected", seed=0)
+    assert thin.M is None and thin.Z.shape == (8, 1, 3, 3)  # C_out/G = 4 > 2 * C_mid/G = 2
 
 
 def test_projected_reset_parameters_redraws_the_same_feedback():
-    feedback = PFAFeedback(6, 3, (3, 3), expand_ratio=4, parametrization="projected", seed=9)
+    feedback = make_feedback(6, 3, (3, 3), expand_ratio=4, parametrization="projected", seed=9)
     Z, M = feedback.Z.detach().clone(), feedback.M.clone()
     with torch.no_grad():
         feedback.Z.mul_(2)
@@ -142,14 +162,14 @@ def test_projected_reset_parameters_redraws_the_same_feedback():
 def test_ill_conditioned_projection_warns():
     """Rounding in M·Z grows with cond(B): a random square B (r = 1) warns, r = 10 and orthogonal B do not."""
     with pytest.warns(UserWarning, match="ill-conditioned B"):
-        square = PFAFeedback(64, 64, expand_ratio=1, parametrization="projected", seed=0)
+        square = make_feedback(64, 64, expand_ratio=1, parametrization="projected", seed=0)
     assert square.condition_number > 100
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        wide = PFAFeedback(64, 64, expand_ratio=10, parametrization="projected", seed=0)
-        orthogonal = PFAFeedback(64, 64, expand_ratio=1, feedback_init="orthogonal", parametrization="projected",
+        wide = make_feedback(64, 64, expand_ratio=10, parametrization="projected", seed=0)
+        orthogonal = make_feedback(64, 64, expand_ratio=1, feedback_init="orthogonal", parametrization="projected",
                                  seed=0)
     assert wide.condition_number < 2.5 and orthogonal.condition_number == pytest.approx(1.0)
 
@@ -196,7 +216,7 @@ def test_a_backpropagation_checkpoint_loads_into_every_converted_model(mode):
 def test_cholesky_projection_equals_the_pseudoinverse(out_channels, mid_per_group, groups):
     """Z_0 = M_j^{-1} B_j R_j (Cholesky; r >= 1 with a well-conditioned B_j) is pinv(B_j^T) R_j (SVD) to 1e-12, and
     M·Z = B·R; r < 1 (7 -> 3) and an ill-conditioned square B (5 -> 5, cond ~ 1e3+) take the SVD."""
-    from pfa_kernels import feedback
+    from pfa_kernels import projection as feedback
 
     generator = torch.Generator().manual_seed(out_channels)
     B = torch.randn(out_channels, mid_per_group * groups, generator=generator, dtype=torch.float64)
@@ -219,15 +239,22 @@ def test_cholesky_projection_equals_the_pseudoinverse(out_channels, mid_per_grou
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("groups, expand_ratio", [(1, 10), (2, 4), (1, 0.5)])
-def test_initial_projection_in_the_layers_precision(groups, expand_ratio, dtype, tolerance):
+@pytest.mark.parametrize("groups, expand_ratio, feedback_groups", [(1, 10, "dense"), (2, 4, "dense"),
+                                                                   (2, 4, "grouped"), (3, 0.5, "grouped"),
+                                                                   (1, 0.5, "dense")])
+def test_initial_projection_in_the_layers_precision(groups, expand_ratio, feedback_groups, dtype, tolerance):
     """A projected layer's Z_0 and M, formed in its own precision (the Cholesky route) or by the float64 SVD (r < 1):
     M·Z_0 = B·R_0 and Z_0 = pinv(B^T) R_0 to the layer's precision."""
-    from pfa_kernels import feedback
+    from pfa_kernels import projection
 
-    layer = PFAFeedback(12, 6, (3, 3), groups=groups, expand_ratio=expand_ratio, parametrization="projected",
-                        seed=3, dtype=dtype)
+    layer = make_feedback(12, 6, (3, 3), groups=groups, expand_ratio=expand_ratio, parametrization="projected",
+                          seed=3, dtype=dtype, feedback_groups=feedback_groups)
     B, R, _, _ = layer._draw()
-    Z_exact = feedback.project_onto_feedback(B, R, groups, with_null=False)[0]
+    Z_exact = layer.from_columns(projection.project_onto_feedback(layer.B_by_group(B), layer.R_by_group(R),
+                                                                  with_null=False)[0])
     assert layer.Z.dtype == dtype and relative_error(layer.Z.double(), Z_exact) < tolerance
-    assert relative_error(layer.feedback_weight().double(), feedback_product(B, R, groups)) < tolerance
+    expected = pk.reference.feedback_weight(pk.reference.block_diagonal_feedback(B, groups) if layer.grouped else B, R,
+                                            groups)
+    if layer.grouped:  # the diagonal blocks of the literal product (the others are zero)
+        expected = torch_ops.weight_grad_from_correlation(expected, groups)
+    assert relative_error(layer.feedback_weight().double(), expected) < tolerance

@@ -10,6 +10,7 @@ from conftest import (
     LOW_PRECISION_ERROR_FACTOR,
     LOW_PRECISION_FLOOR,
     STRATEGIES,
+    dense_projection,
     explicit_twin,
     projected_to_R_grad,
     relative_error,
@@ -176,9 +177,9 @@ def _layer_grads(layer, x, autocast_dtype=None):
     return y, [x.grad, layer.weight.grad, layer.bias.grad, layer.feedback.parameter.grad]
 
 
-@pytest.mark.parametrize("strategy", ("product", "sequence"))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
-@pytest.mark.parametrize("kind", ("linear", "conv2d-groups"))
+@pytest.mark.parametrize("kind, strategy", [("linear", "product"), ("linear", "sequence"), ("conv2d-groups", "product"),
+                                            ("conv2d-dense-groups", "product"), ("conv2d-dense-groups", "sequence")])
 def test_projected_autocast_against_low_precision_reference(kind, dtype, strategy):
     """A projected layer under autocast against the literal algorithm on its explicit twin (R = B^T Z + N),
     run under the same autocast and in float64; dL/dZ is compared through B^T. (B is well conditioned here,
@@ -188,7 +189,7 @@ def test_projected_autocast_against_low_precision_reference(kind, dtype, strateg
             torch.randn(6, 16)
     else:
         layer = pk.PFAConv2d(8, 12, 3, stride=2, padding=1, groups=2, expand_ratio=10, parametrization="projected",
-                             strategy=strategy)
+                             strategy=strategy, feedback_groups="dense" if "dense" in kind else "grouped")
         x = torch.randn(2, 8, 7, 7)
     twin = explicit_twin(layer)
     twin.strategy = "reference"
@@ -217,8 +218,8 @@ def _projected_tensors(groups=1, keep_M=True):
 def test_projected_functional_matches_explicit(groups, keep_M):
     """pfa_conv2d_projected with Z = pinv(B^T) R gives the explicit op's dL/dx, and dL/dZ = the dense correlation."""
     x, weight, bias, B, R = _conv_tensors(2, groups)
-    Z = pk.feedback.project_onto_feedback(B, R, groups)[0].requires_grad_(True)
-    M = pk.feedback.projection_matrix(B, groups) if keep_M else None
+    Z, M = dense_projection(B, R, groups, keep_M)
+    Z.requires_grad_(True)
     x_explicit, x_projected = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     grad_output = torch.randn(2, 2 * groups, 3, 3, dtype=torch.float64)
     functional.pfa_conv2d(x_explicit, weight, bias, B, R, stride=2, padding=1, groups=groups).backward(grad_output)

@@ -15,6 +15,8 @@ from conftest import (
     assert_relative_close,
     build,
     explicit_twin,
+    feedback_group_runs,
+    is_grouped_case,
     layer_gradients,
     literal_forward,
     projected_to_R_grad,
@@ -26,24 +28,32 @@ from pfa_kernels.feedback import PARAMETRIZATIONS
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("case", sorted(CONV_CASES))
-def test_conv_matches_reference_float64(case, strategy, parametrization):
-    layer, _, _, x = build(case, strategy=strategy, parametrization=parametrization)
+@pytest.mark.parametrize("case, strategy, feedback_groups", feedback_group_runs(sorted(CONV_CASES)))
+def test_conv_matches_reference_float64(case, strategy, feedback_groups, parametrization):
+    layer, _, _, x = build(case, strategy=strategy, parametrization=parametrization, feedback_groups=feedback_groups)
+    assert layer.feedback.grouped == (is_grouped_case(case) and feedback_groups == "grouped")
     assert_matches_reference(layer, x, TOLERANCE[torch.float64])
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("case", ["2d-k3-pad1", "2d-groups2", "2d-circular-groups", "1d-stride2", "3d-stride2",
-                                  "linear"])
-def test_matches_reference_float32(case, strategy, parametrization):
+@pytest.mark.parametrize("case", ["2d-groups2", "2d-depthwise-stride2", "1d-groups-dilation"])
+def test_grouped_feedback_refuses_the_sequence_order(case, parametrization):
+    with pytest.raises(ValueError, match="strategy='sequence' is not an order of grouped feedback"):
+        build(case, strategy="sequence", parametrization=parametrization)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("case, strategy, feedback_groups", feedback_group_runs(
+    ["2d-k3-pad1", "2d-groups2", "2d-circular-groups", "1d-stride2", "3d-stride2"]) + [
+    ("linear", strategy, "grouped") for strategy in STRATEGIES])
+def test_matches_reference_float32(case, strategy, feedback_groups, parametrization):
     """float32 fast paths against the float64 literal algorithm on the same (float32-representable) inputs."""
     if case == "linear":
         layer, x = pk.PFALinear(9, 7, dtype=torch.float64, expand_ratio=3, strategy=strategy,
                                 parametrization=parametrization), torch.randn(6, 9)
     else:
-        layer, _, _, x = build(case, dtype=torch.float64, strategy=strategy, parametrization=parametrization)
+        layer, _, _, x = build(case, dtype=torch.float64, strategy=strategy, parametrization=parametrization,
+                               feedback_groups=feedback_groups)
     layer32 = copy.deepcopy(layer).float()
     layer.load_state_dict(layer32.state_dict())  # the float64 reference sees the float32-rounded values
     x = x.float()
@@ -102,13 +112,15 @@ def test_sparse_B_alone_matches_reference(strategy, parametrization):
 
 
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("frozen", ["weight", "R", "bias", "x"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_partial_gradients(frozen, strategy, groups, parametrization):
+@pytest.mark.parametrize("strategy, groups, feedback_groups", [
+    (strategy, groups, feedback_groups) for strategy in STRATEGIES
+    for groups, feedback_groups in ((1, "grouped"), (2, "grouped"), (2, "dense"))
+    if (strategy, groups, feedback_groups) != ("sequence", 2, "grouped")])  # no such order (test above)
+def test_partial_gradients(frozen, strategy, groups, feedback_groups, parametrization):
     """Only the gradients asked for are computed, and they are still exact."""
     layer = pk.PFAConv2d(4, 6, 3, groups=groups, padding=1, dtype=torch.float64, expand_ratio=1, strategy=strategy,
-                         parametrization=parametrization)
+                         parametrization=parametrization, feedback_groups=feedback_groups)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     grad_output = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     twin = explicit_twin(layer) if parametrization == "projected" else layer
@@ -156,10 +168,12 @@ def test_identity_feedback_gives_R_the_weight_gradient():
     torch.testing.assert_close(grads["R"], grads["weight"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_feedback_equal_to_weight_gives_backpropagation(strategy):
+@pytest.mark.parametrize("strategy, feedback_groups", [(strategy, feedback_groups) for strategy in STRATEGIES
+                                                      for feedback_groups in ("grouped", "dense")
+                                                      if (strategy, feedback_groups) != ("sequence", "grouped")])
+def test_feedback_equal_to_weight_gives_backpropagation(strategy, feedback_groups):
     layer = pk.PFAConv2d(4, 6, 3, stride=2, groups=2, padding=1, dtype=torch.float64, expand_ratio=1,
-                         feedback_init="identity", strategy=strategy)
+                         feedback_init="identity", strategy=strategy, feedback_groups=feedback_groups)
     with torch.no_grad():
         layer.feedback.R.copy_(layer.weight)
     plain = nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=1, dtype=torch.float64)
@@ -307,8 +321,10 @@ def test_zero_size_shapes_behave_as_nn(case, parametrization, strategy, backend)
         pytest.skip(cpp.unavailable_reason("cpu"))
     layer_class, arguments, input_shape = _EDGE_LAYERS[case]
     kwargs = dict(groups=2) if case.endswith("groups") else {}
+    # Grouped feedback (the default) has no sequence order: the dense one runs it.
+    feedback_groups = "dense" if kwargs and strategy == "sequence" else "grouped"
     layer = layer_class(*arguments, **kwargs, parametrization=parametrization, strategy=strategy, backend=backend,
-                        dtype=torch.float64)
+                        dtype=torch.float64, feedback_groups=feedback_groups)
     reference = getattr(nn, layer_class.__name__[3:])(*arguments, **kwargs, dtype=torch.float64)
     reference.load_state_dict({"weight": layer.weight, "bias": layer.bias})
     x = torch.randn(input_shape, dtype=torch.float64, requires_grad=True)

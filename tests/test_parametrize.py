@@ -13,13 +13,16 @@ import pfa_kernels as pk
 
 
 def _small_cnn(dtype=torch.float64):
-    """Convs with stride and groups (M kept, and M applied through B), a sparse B, a linear head with C_mid < C_out."""
+    """Convs with stride and groups (grouped feedback; dense feedback with M kept, and with M applied through B), a
+    sparse B, a linear head with C_mid < C_out."""
     torch.manual_seed(0)
     return nn.Sequential(
         pk.PFAConv2d(3, 8, 3, stride=2, padding=1, expand_ratio=10, feedback_seed=1, dtype=dtype), nn.ReLU(),
-        pk.PFAConv2d(8, 8, 3, padding=1, groups=2, expand_ratio=2, feedback_seed=2, dtype=dtype), nn.Tanh(),
+        pk.PFAConv2d(8, 8, 3, padding=1, groups=2, expand_ratio=2, feedback_seed=2, dtype=dtype,
+                     feedback_groups="dense"), nn.Tanh(),
         pk.PFAConv2d(8, 8, 3, stride=2, padding=1, groups=4, expand_ratio=1, feedback_density=(0.5, 1.0),
-                     feedback_seed=3, dtype=dtype), nn.ReLU(),
+                     feedback_seed=3, dtype=dtype, feedback_groups="dense"), nn.ReLU(),
+        pk.PFAConv2d(8, 8, 3, padding=1, groups=8, expand_ratio=3, feedback_seed=5, dtype=dtype), nn.Tanh(),
         nn.Flatten(), pk.PFALinear(8 * 2 * 2, 5, expand_ratio=0.5, feedback_seed=4, dtype=dtype))
 
 
@@ -95,8 +98,11 @@ def test_reparametrize_round_trip_returns_the_same_R():
 
 def test_projected_layer_equals_explicit_layer_with_the_same_seed():
     for kwargs in (dict(expand_ratio=10), dict(expand_ratio=0.5), dict(groups=2, expand_ratio=3),
-                   dict(groups=4, expand_ratio=1), dict(expand_ratio=1, feedback_init="orthogonal"),
-                   dict(expand_ratio=1, feedback_init="identity")):
+                   dict(groups=4, expand_ratio=1), dict(groups=2, expand_ratio=3, feedback_groups="dense"),
+                   dict(groups=4, expand_ratio=1, feedback_groups="dense"), dict(groups=4, expand_ratio=0.5),
+                   dict(expand_ratio=1, feedback_init="orthogonal"), dict(groups=4, feedback_init="orthogonal"),
+                   dict(expand_ratio=1, feedback_init="identity"), dict(groups=2, expand_ratio=1,
+                                                                        feedback_init="identity")):
         explicit = pk.PFAConv2d(8, 8, 3, feedback_seed=7, dtype=torch.float64, **kwargs)
         projected = pk.PFAConv2d(8, 8, 3, feedback_seed=7, dtype=torch.float64, parametrization="projected", **kwargs)
         assert relative_error(projected.feedback.feedback_weight(), explicit.feedback.feedback_weight()) < 1e-12
@@ -111,7 +117,7 @@ def test_projected_state_dict_round_trip_keeps_the_null_part():
     assert not any(key.endswith("feedback.R") for key in state)
     fresh = _small_cnn()
     for layer in _pfa_layers(fresh):
-        layer.feedback.to_projected()
+        layer.feedback = layer.feedback.as_projected()
         layer.feedback.R_null = None
     fresh.load_state_dict(state)
     for key, value in fresh.state_dict().items():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dense_projection
 
-from pfa_kernels import feedback, reference
+from pfa_kernels import reference
 from pfa_kernels.backends import torch_ops
 
 
@@ -44,8 +45,7 @@ def test_projected_pieces_against_explicit(groups, keep_M):
     """M·Z (M kept, or applied as B (B^T ·)) equals B·R for Z = pinv(B^T) R; M_j g per position, per group."""
     B = torch.randn(6, 12, dtype=torch.float64)
     R = torch.randn(12, 2, 3, dtype=torch.float64)
-    Z = feedback.project_onto_feedback(B, R, groups)[0]
-    M = feedback.projection_matrix(B, groups) if keep_M else None
+    Z, M = dense_projection(B, R, groups, keep_M)
     assert Z.shape == (6, 2 * groups, 3)
     torch.testing.assert_close(torch_ops.projected_feedback_product(B, M, Z, groups),
                                torch_ops.feedback_product(B, R, groups))
