@@ -35,7 +35,7 @@ from torch import nn
 
 from . import projection
 from .backends.torch_ops import grouped_B, grouped_columns
-from .feedback_state import loads_feedback
+from .feedback_state import STATE_FORMAT, fixed_state_checksum, load_fixed_state, loads_feedback
 
 FEEDBACK_INITS = ("random", "orthogonal", "identity")
 PARAMETRIZATIONS = ("explicit", "projected")
@@ -123,11 +123,13 @@ class PFAFeedback(nn.Module):
         # Without an explicit seed, take one from the global RNG: torch.manual_seed(s) then fixes it.
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
         B_density, R_density = feedback_densities(feedback_density)
-        self.register_buffer("B", torch.empty(self.B_shape, device=device, dtype=dtype))
+        # Not in the state dict: drawn from the seed again on load (feedback_state.py), checked by fixed_checksum.
+        self.register_buffer("B", torch.empty(self.B_shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("B_mask", torch.empty(self.B_shape, dtype=torch.bool, device=device)
-                             if B_density < 1 else None)
+                             if B_density < 1 else None, persistent=False)
         self.register_buffer("R_mask", torch.empty(self.R_shape, dtype=torch.bool, device=device)
-                             if R_density < 1 else None)
+                             if R_density < 1 else None, persistent=False)
+        self.fixed_checksum = None  # of B and R's mask as drawn (feedback_state.fixed_state_checksum)
 
     def _settings(self) -> dict:
         """The constructor arguments that rebuild this feedback (another parametrization of the same B)."""
@@ -139,6 +141,7 @@ class PFAFeedback(nn.Module):
     def _share_fixed_state(self, other: PFAFeedback) -> None:
         """Take `other`'s B and masks (the same tensors: they are fixed)."""
         self.B, self.B_mask, self.R_mask = other.B, other.B_mask, other.R_mask
+        self.fixed_checksum = other.fixed_checksum
 
     @property
     def grouped(self) -> bool:
@@ -249,6 +252,7 @@ class PFAFeedback(nn.Module):
         if R_mask is not None:
             self.R_mask.copy_(R_mask)
         self.B.copy_(B)
+        self.fixed_checksum = fixed_state_checksum(B, R_mask)
         return B, R
 
     def feedback_weight_for(self, weight: torch.Tensor) -> torch.Tensor:
@@ -283,9 +287,23 @@ class PFAFeedback(nn.Module):
                 f"{self.parametrization}; build the model with parametrization={other!r} to load it, then switch with "
                 f"pk.reparametrize(model, {self.parametrization!r})")
             return
-        self._prepare_load(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        own = {key: value for key, value in state_dict.items() if key.startswith(prefix)}
+        if not load_fixed_state(self, own, prefix, error_msgs):
+            return
+        self._prepare_load(own, prefix)
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def get_extra_state(self) -> dict:
+        """What the state dict keeps of the fixed state (B, M, masks): the seed it is drawn from and its checksum."""
+        return {"format": STATE_FORMAT, "seed": self.seed, "checksum": self.fixed_checksum,
+                "feedback_groups": self.feedback_groups}
+
+    def set_extra_state(self, state) -> None:
+        """Applied by feedback_state.load_fixed_state (which can report a mismatch through load_state_dict's error
+        list)."""
+
+    def _fixed_state_changed(self) -> None:
+        """After B changed on load: what is derived from it (a projected layer's M)."""
 
     def _prepare_load(self, state_dict, prefix) -> None:
         """Shape optional state after the checkpoint before torch copies it in."""
@@ -371,7 +389,7 @@ class ProjectedFeedback(PFAFeedback):
         self.Z = nn.Parameter(torch.empty(self.Z_shape, **factory))
         rows = self.rows_per_group
         self.register_buffer("M", torch.empty(self.groups, rows, rows, **factory)
-                             if self.keeps_projection_matrix else None)
+                             if self.keeps_projection_matrix else None, persistent=False)  # a function of B
         self.register_buffer("R_null", None)
         if reset:
             self.reset_parameters()
@@ -407,6 +425,9 @@ class ProjectedFeedback(PFAFeedback):
         if self.M is not None:
             self.M.copy_(M)
         self.R_null = None
+
+    def _fixed_state_changed(self) -> None:
+        self.refresh_projection_matrix()
 
     @torch.no_grad()
     def refresh_projection_matrix(self) -> None:

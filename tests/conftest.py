@@ -45,6 +45,13 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+def same_state_entry(actual, expected) -> bool:
+    """Equality of two state-dict entries: tensors bitwise, anything else (a feedback's "_extra_state") by ==."""
+    if isinstance(expected, torch.Tensor):
+        return isinstance(actual, torch.Tensor) and torch.equal(actual, expected)
+    return actual == expected
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     denominator = expected.norm().item()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 import torchvision
-from conftest import relative_error
+from conftest import relative_error, same_state_entry
 
 import pfa_kernels as pk
 from pfa_kernels.backends import torch_ops
@@ -185,16 +186,17 @@ def test_a_checkpoint_missing_one_layers_feedback_is_an_error(parametrization):
     state = _converted_cnn(parametrization=parametrization).state_dict()
     partial = {key: value for key, value in state.items() if not key.startswith("2.feedback.")}
     model = _converted_cnn(parametrization=parametrization)
-    with pytest.raises(RuntimeError, match='Missing key\\(s\\).*"2.feedback.B"'):
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\).*"2.feedback.(R|Z)"'):
         model.load_state_dict(partial)
     model = _converted_cnn(parametrization=parametrization)
     drawn = model[2].feedback.B.clone()
     result = model.load_state_dict(partial, strict=False)
     assert {key for key in result.missing_keys} == {key for key in state if key.startswith("2.feedback.")}
-    assert torch.equal(model[2].feedback.B, drawn) and torch.equal(model[0].feedback.B, state["0.feedback.B"])
+    saved_first = _converted_cnn(parametrization=parametrization)[0].feedback.B
+    assert torch.equal(model[2].feedback.B, drawn) and torch.equal(model[0].feedback.B, saved_first)
     # The first layer's feedback missing: found out when a later layer turns out to have its feedback.
     first_missing = {key: value for key, value in state.items() if not key.startswith("0.feedback.")}
-    with pytest.raises(RuntimeError, match='Missing key\\(s\\).*"0.feedback.B"'):
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\).*"0.feedback.(R|Z)"'):
         _converted_cnn(parametrization=parametrization).load_state_dict(first_missing)
 
 
@@ -203,10 +205,13 @@ def test_a_backpropagation_checkpoint_loads_into_every_converted_model(mode):
     """No feedback keys at all: weights and biases load, every layer keeps its feedback as drawn."""
     bp = small_cnn()
     model = _converted_cnn(mode)
-    drawn = {key: value.clone() for key, value in model.state_dict().items() if ".feedback." in key}
+    drawn = copy.deepcopy({key: value for key, value in model.state_dict().items() if ".feedback." in key})
+    B_drawn = [m.feedback.B.clone() for m in model.modules() if isinstance(m, pk.nn.PFA_LAYERS) and m.rule == "pfa"]
     model.load_state_dict(bp.state_dict())
     for key, value in model.state_dict().items():
-        assert torch.equal(value, drawn[key] if key in drawn else bp.state_dict()[key]), key
+        assert same_state_entry(value, drawn[key] if key in drawn else bp.state_dict()[key]), key
+    B_after = [m.feedback.B for m in model.modules() if isinstance(m, pk.nn.PFA_LAYERS) and m.rule == "pfa"]
+    assert all(torch.equal(a, b) for a, b in zip(B_after, B_drawn, strict=True))
     # A second load into the same model starts afresh (a PFA load before it does not make this one partial).
     model.load_state_dict(model.state_dict())
     model.load_state_dict(bp.state_dict())
@@ -258,3 +263,79 @@ def test_initial_projection_in_the_layers_precision(groups, expand_ratio, feedba
     if layer.grouped:  # the diagonal blocks of the literal product (the others are zero)
         expected = torch_ops.weight_grad_from_correlation(expected, groups)
     assert relative_error(layer.feedback_weight().double(), expected) < tolerance
+
+
+# ----------------------------------------------------------------------------- B from the seed, not the checkpoint
+
+
+@pytest.mark.parametrize("parametrization", ["explicit", "projected"])
+def test_checkpoint_holds_the_seed_not_B(parametrization):
+    """B, M and the masks are not saved: the state dict keeps the learned tensor and {seed, checksum}; loading into a
+    model built with other seeds draws the checkpoint's B again (and M from it), bit for bit."""
+    model = _converted_cnn(parametrization=parametrization, feedback_density=(0.5, 1.0))
+    state = model.state_dict()
+    assert not any(key.rsplit(".", 1)[-1] in ("B", "M", "B_mask", "R_mask") for key in state)
+    assert state["0.feedback._extra_state"]["seed"] == model[0].feedback.seed
+    other = pk.convert(small_cnn(), feedback_seed=99, parametrization=parametrization, feedback_density=(0.5, 1.0))
+    assert not torch.equal(other[0].feedback.B, model[0].feedback.B)
+    other.load_state_dict(state)
+    for mine, theirs in zip(model.modules(), other.modules(), strict=True):
+        if isinstance(mine, pk.nn.PFA_LAYERS):
+            for name in ("B", "B_mask", "M"):
+                expected, got = getattr(mine.feedback, name, None), getattr(theirs.feedback, name, None)
+                assert (expected is None and got is None) or torch.equal(got, expected), name
+            assert theirs.feedback.seed == mine.feedback.seed
+            torch.testing.assert_close(theirs.feedback_weight(), mine.feedback_weight(), rtol=0, atol=0)
+
+
+def test_checksum_mismatch_fails_loudly(monkeypatch):
+    """A B drawn differently from the one the checkpoint was written with (another torch RNG) is refused, never used."""
+    state = _converted_cnn().state_dict()
+    tampered = copy.deepcopy(state)
+    tampered["2.feedback._extra_state"]["checksum"] = "0123456789abcdef"
+    with pytest.raises(RuntimeError, match="2.feedback: the feedback B drawn from the checkpoint's feedback_seed"):
+        _converted_cnn().load_state_dict(tampered)
+    # A generator that draws differently: loading into a model of other seeds redraws B, whose checksum differs.
+    from pfa_kernels.feedback import PFAFeedback
+
+    real_draw = PFAFeedback._draw
+
+    def other_generator(self):
+        B, R, B_mask, R_mask = real_draw(self)
+        return B + 1e-3, R, B_mask, R_mask
+
+    other = pk.convert(small_cnn(), feedback_seed=7)
+    monkeypatch.setattr(PFAFeedback, "_draw", other_generator)
+    with pytest.raises(RuntimeError, match="draws different random numbers"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("parametrization", ["explicit", "projected"])
+def test_a_checkpoint_that_carries_B_still_loads(parametrization):
+    """A checkpoint written before B left it (B, the masks and M as entries, no "_extra_state") loads with B as
+    saved, also when its B is not the one the layer's seed draws."""
+    model = _converted_cnn(parametrization=parametrization, feedback_density=(0.5, 1.0))
+    old = {key: value for key, value in model.state_dict().items() if not key.endswith("_extra_state")}
+    for name, layer in model.named_modules():
+        if isinstance(layer, pk.nn.PFA_LAYERS):
+            for key in ("B", "B_mask", "M"):
+                if getattr(layer.feedback, key, None) is not None:
+                    old[f"{name}.feedback.{key}"] = getattr(layer.feedback, key) * (1.5 if key != "B_mask" else 1)
+    fresh = _converted_cnn(parametrization=parametrization, feedback_density=(0.5, 1.0))
+    fresh.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    assert torch.equal(fresh[0].feedback.B, 1.5 * model[0].feedback.B)
+    if parametrization == "projected":
+        assert torch.equal(fresh[0].feedback.M, 1.5 * model[0].feedback.M)
+    # Written out again, it carries the seed and the checksum of the B it now holds.
+    assert fresh.state_dict()["0.feedback._extra_state"]["checksum"] != model[0].feedback.fixed_checksum
+
+
+def test_checkpoint_of_other_feedback_groups_explains_itself():
+    grouped = pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2)
+    dense = pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2, feedback_groups="dense")
+    with pytest.raises(RuntimeError, match="this layer 'dense'; build the model with feedback_groups='grouped'"):
+        dense.load_state_dict(grouped.state_dict())
+    old = {**{k: v for k, v in dense.state_dict().items() if not k.endswith("_extra_state")},
+           "feedback.B": dense.feedback.B}
+    with pytest.raises(RuntimeError, match="need feedback_groups='dense'"):
+        grouped.load_state_dict(old)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import relative_error
+from conftest import relative_error, same_state_entry
 from torch import nn
 
 import pfa_kernels as pk
@@ -113,7 +113,7 @@ def test_projected_layer_equals_explicit_layer_with_the_same_seed():
 def test_projected_state_dict_round_trip_keeps_the_null_part():
     model = pk.reparametrize(_small_cnn(), "projected")
     state = model.state_dict()
-    assert "0.feedback.Z" in state and "0.feedback.M" in state and "0.feedback.R_null" in state
+    assert "0.feedback.Z" in state and "0.feedback.R_null" in state and "0.feedback.M" not in state  # M: from B
     assert not any(key.endswith("feedback.R") for key in state)
     fresh = _small_cnn()
     for layer in _pfa_layers(fresh):
@@ -121,7 +121,7 @@ def test_projected_state_dict_round_trip_keeps_the_null_part():
         layer.feedback.R_null = None
     fresh.load_state_dict(state)
     for key, value in fresh.state_dict().items():
-        assert torch.equal(value, state[key]), key
+        assert same_state_entry(value, state[key]), key
     original = _small_cnn()
     pk.reparametrize(fresh, "explicit")
     for layer, expected in zip(_pfa_layers(fresh), _pfa_layers(original), strict=True):
@@ -246,7 +246,10 @@ def test_projected_ddp_equals_one_process(tmp_path):
         optimizer.step()
     distributed = torch.load(tmp_path / "ddp.pt")
     for key, value in single.state_dict().items():
-        assert relative_error(distributed[key], value) < 1e-12, key
+        if isinstance(value, torch.Tensor):
+            assert relative_error(distributed[key], value) < 1e-12, key
+        else:
+            assert distributed[key] == value, key
     assert relative_error(distributed["0.feedback.Z"], pk.reparametrize(_small_cnn(), "projected")[0].feedback.Z) > 1e-3
 
 
