@@ -2,11 +2,12 @@
 
     import pfa_kernels as pk
     layer = pk.PFAConv2d(64, 128, 3, padding=1, expand_ratio=10)
-    model = pk.convert(torchvision.models.resnet18(), parametrization="projected")  # SGD: BP's cost
+    model = pk.convert(torchvision.models.resnet18())  # projected wherever exact: BP's cost with SGD
     pk.metrics.report(model)
 """
 
 from . import baselines, dfa, dispatch, functional, metrics, planner, reference, testing
+from .attention import PFAMultiheadAttention
 from .convert import ConversionRecord, convert
 from .feedback import ExplicitFeedback, PFAFeedback, ProjectedFeedback, make_feedback
 from .model_feedback import feedback_weights
@@ -28,6 +29,7 @@ __all__ = [
     "ProjectedFeedback",
     "make_feedback",
     "PFALinear",
+    "PFAMultiheadAttention",
     "check_optimizer",
     "convert",
     "feedback_weights",

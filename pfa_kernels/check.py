@@ -46,9 +46,11 @@ CPU_DTYPES = (torch.float32,)
 
 def _layer(spec, device, dtype, expand_ratio):
     if spec[0] == "linear":
-        return PFALinear(spec[1], spec[2], expand_ratio=expand_ratio, device=device, dtype=dtype)
+        return PFALinear(spec[1], spec[2], expand_ratio=expand_ratio, device=device, dtype=dtype,
+                         parametrization="explicit")
     _, c_in, c_out, kernel, stride, padding = spec
     return PFAConv2d(c_in, c_out, kernel, stride=stride, padding=padding, expand_ratio=expand_ratio, device=device,
+                     parametrization="explicit",
                      dtype=dtype)
 
 

@@ -7,16 +7,22 @@ Layers are matched by type (nn.Linear / nn.ConvNd and their subclasses); the new
 layer's weight and bias Parameter objects, so an optimizer built before conversion still holds them.
 Conversion never changes what a model computes: a layer is left as it is, and reported with the reason (or,
 with strict=True, convert raises), when its class has a forward of its own (weight standardization, dynamic
-"same" padding, adapters), its weight is parametrized or hooked (weight_norm, spectral_norm), or
-nn.MultiheadAttention owns it (the attention uses its weights without calling it). A module shared at several
-places becomes one PFA layer at all of them. Other Linear/Conv-like modules (a weight of two or more dims, a class
-name with "Conv" or "Linear") are reported as left alone. pk.verify(model, inputs) checks the result on real inputs.
+"same" padding, adapters), or its weight is parametrized or hooked (weight_norm, spectral_norm). A module shared at
+several places becomes one PFA layer at all of them. Other Linear/Conv-like modules (a weight of two or more dims, a
+class name with "Conv" or "Linear") are reported as left alone. pk.verify(model, inputs) checks the result on real
+inputs.
+
+Attention modules that apply their projections through the weights instead of calling them (ATTENTION_ADAPTERS):
+nn.MultiheadAttention becomes a PFAMultiheadAttention (attention.py) with PFA projections, and torchvision's Swin
+attention an adapter calling its qkv and proj modules (adapters.py), which convert then converts as any Linear.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import re
+import sys
 from dataclasses import dataclass
 
 from torch import nn
@@ -40,6 +46,18 @@ _FIXED_RULE_KWARGS = ("backend", "feedback_seed")
 _PFA_CLASS_FOR = ((nn.Conv1d, PFAConv1d), (nn.Conv2d, PFAConv2d), (nn.Conv3d, PFAConv3d), (nn.Linear, PFALinear))
 _LAYER_KWARGS = ("expand_ratio", "feedback_init", "feedback_density", "parametrization", "strategy", "backend",
                  "feedback_seed", "feedback_groups")
+
+# Attention modules whose forward applies their projections through the weights (F.linear(x, self.qkv.weight)), so
+# that PFA layers in their place would never run: (module that defines the original class, adapter class). An adapter
+# names the class it replaces (`original`) and its projections used through their weights (`weight_users`); it has
+# refusal(module), from_module(module) and to_module(). PFAMultiheadAttention builds its own PFA projections
+# (from_module takes the layer keyword arguments); the Swin adapters call their qkv and proj modules, which convert
+# converts as any Linear. A row is read only once its original's module is imported: no model holds the class before.
+ATTENTION_ADAPTERS = (
+    ("torch.nn", "pfa_kernels.attention.PFAMultiheadAttention"),
+    ("torchvision.models.swin_transformer", "pfa_kernels.adapters.PFAShiftedWindowAttention"),
+    ("torchvision.models.swin_transformer", "pfa_kernels.adapters.PFAShiftedWindowAttentionV2"),
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,25 @@ def _refusal(module: nn.Module, nn_class) -> str | None:
     if not isinstance(module.weight, nn.Parameter):
         return f"its weight is a {type(module.weight).__name__}, not a Parameter (computed by a hook?)"
     return None
+
+
+def attention_adapters() -> dict[type, type]:
+    """{original attention class: its adapter} for the rows of ATTENTION_ADAPTERS whose module is imported."""
+    table = {}
+    for original_module, adapter_path in ATTENTION_ADAPTERS:
+        if original_module in sys.modules:
+            module_name, _, class_name = adapter_path.rpartition(".")
+            adapter = getattr(importlib.import_module(module_name), class_name)
+            table[adapter.original] = adapter
+    return table
+
+
+def _adapter_for(module: nn.Module, adapters: dict[type, type]):
+    """The adapter of `module`'s class, else of a class it derives from (whose refusal then explains), else None."""
+    adapter = adapters.get(type(module))
+    if adapter is None:
+        adapter = next((a for original, a in adapters.items() if isinstance(module, original)), None)
+    return adapter
 
 
 def _layer_like(module: nn.Module) -> bool:
@@ -120,6 +157,13 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
             **layer_kwargs):
     """Replace every Linear/Conv1d/2d/3d in `model` (in place) by its PFA counterpart; return the model.
 
+    Attention modules that use their projections' weights without calling them are replaced too, so that those
+    projections train with PFA (ATTENTION_ADAPTERS): nn.MultiheadAttention by a PFAMultiheadAttention holding its
+    Parameters (converted as a whole: left when its name or its out_proj's matches exclude), torchvision's
+    ShiftedWindowAttention(V2) by an adapter that calls its qkv and proj modules, which are then converted as any
+    Linear. The report names a PFAMultiheadAttention's projections "<attention>.in_proj" (or q_proj, k_proj,
+    v_proj) and "<attention>.out_proj".
+
     mode: "pfa" (the default), "pfa-o" (orthogonal B, r = 1), "kp" (Kolen-Pollack: B = I, r = 1), a
     fixed-feedback baseline "fa", "usf", "frsf", "brsf" (baselines.py; these take only backend and
     feedback_seed), or "dfa" (returns a DirectFeedbackAlignment wrapping the model; dfa.py). Layer
@@ -159,13 +203,11 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
                             f"not {ignored}")
     layer_kwargs = {**MODE_PRESETS[mode], **layer_kwargs}
     check_feedback_options(layer_kwargs.get("feedback_init", "random"), layer_kwargs.get("feedback_density", 1.0),
-                           layer_kwargs.get("parametrization", "explicit"),
+                           layer_kwargs.get("parametrization", "auto"),
                            layer_kwargs.get("feedback_groups", "grouped"))
     base_seed = layer_kwargs.pop("feedback_seed", None)
 
-    attention_owned = {
-        id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
-        for child in module.modules() if child is not module}
+    adapters = attention_adapters()
     # Every place a module stands (a shared module is at several): one PFA layer for all of them.
     places: dict[int, list[str]] = {}
     modules: dict[int, nn.Module] = {}
@@ -173,17 +215,51 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
         places.setdefault(id(module), []).append(name)
         modules[id(module)] = module
     records, replacements, refused = [], {}, []
+    left_inside: dict[int, str] = {}  # a projection of an attention module left as it is -> why it stays BP
+    called_by: dict[int, str] = {}    # a projection an adapter calls -> the adapter's class
+    built_inside: set[int] = set()    # projections PFAMultiheadAttention has rebuilt (recorded with it)
+    layer_count = 0                   # PFA layers built so far: the next one's seed is base_seed + layer_count
     for key, names in places.items():
         module = modules[key]
-        if isinstance(module, PFA_LAYERS):
+        if isinstance(module, PFA_LAYERS) or key in built_inside:
+            continue
+        layer_type = type(module).__name__
+        adapter = _adapter_for(module, adapters)
+        if adapter is not None:
+            projections = [getattr(module, child) for child in adapter.weight_users]
+            # nn.MultiheadAttention converts as a whole; a Swin adapter's projections follow exclude one by one.
+            own = names + ([f"{name}.{child}".lstrip(".") for name in names for child in adapter.weight_users]
+                           if isinstance(module, nn.MultiheadAttention) else [])
+            excluded = [n for n in own if any(fnmatch.fnmatchcase(n, pattern) for pattern in exclude)]
+            reason = f"matches exclude at {excluded}" if excluded else adapter.refusal(module)
+            if reason is not None:
+                if not excluded:
+                    refused.append(f"{names[0]}: {reason}")
+                why = (f"{reason}; {adapter.original.__name__} applies its projections through their weights, so "
+                       f"they train with backpropagation")
+                if isinstance(module, nn.MultiheadAttention):  # its in_proj_weight is a projection too
+                    records += [ConversionRecord(name, layer_type, False, why) for name in names]
+                left_inside.update((id(p), why) for p in projections)
+                continue
+            seed = None if base_seed is None else base_seed + layer_count
+            if isinstance(module, nn.MultiheadAttention):
+                replacement = adapter.from_module(module, **layer_kwargs, feedback_seed=seed)
+                built_inside.update(id(p) for p in projections)
+                layers = [(child, layer) for child, layer in replacement.named_children()
+                          if isinstance(layer, PFA_LAYERS)]
+                layer_count += len(layers)
+                shared = f", one module shared by {len(names)} places" if len(names) > 1 else ""
+                records += [ConversionRecord(f"{name}.{child}".lstrip("."), layer_type, True,
+                                             f"-> {type(layer).__name__} in {type(replacement).__name__}{shared}")
+                            for name in names for child, layer in layers]
+            else:
+                replacement = adapter.from_module(module)
+                called_by.update((id(p), type(replacement).__name__) for p in projections)
+            replacements[key] = replacement
             continue
         nn_class, pfa_class = layer_classes(module)
-        layer_type = type(module).__name__
         if nn_class is None:
-            if isinstance(module, nn.MultiheadAttention):
-                records += [ConversionRecord(name, layer_type, False, "uses in_proj_weight directly: its projections "
-                                             "train with backpropagation") for name in names]
-            elif _layer_like(module):
+            if _layer_like(module):
                 records += [ConversionRecord(name, layer_type, False, "not an nn.Linear/ConvNd subclass: trains with "
                                              "backpropagation") for name in names]
             continue
@@ -196,18 +272,20 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
             reason = "matches exclude" if len(excluded) == len(names) else \
                 f"matches exclude at {excluded} (a shared module is converted everywhere or nowhere)"
             records += [ConversionRecord(name, layer_type, False, reason) for name in names]
-        elif key in attention_owned:
-            records += [ConversionRecord(name, layer_type, False, "owned by nn.MultiheadAttention, which uses its "
-                                         "weights directly") for name in names]
+        elif key in left_inside:
+            records += [ConversionRecord(name, layer_type, False, left_inside[key]) for name in names]
         elif refusal is not None:
             refused.append(f"{names[0]}: {refusal}")
             records += [ConversionRecord(name, layer_type, False, refusal) for name in names]
         else:
-            seed = None if base_seed is None else base_seed + len(replacements)
+            seed = None if base_seed is None else base_seed + layer_count
+            layer_count += 1
             # Build every replacement before swapping any, so an error leaves the model as it was.
             replacements[key] = _build_pfa_layer(module, pfa_class, {**layer_kwargs, "feedback_seed": seed})
             shared = f" (one layer shared by {len(names)} places)" if len(names) > 1 else ""
-            records += [ConversionRecord(name, layer_type, True, f"-> {pfa_class.__name__}{shared}") for name in names]
+            caller = f", called by {called_by[key]}" if key in called_by else ""
+            records += [ConversionRecord(name, layer_type, True, f"-> {pfa_class.__name__}{shared}{caller}")
+                        for name in names]
     if strict and refused:
         raise ValueError("strict=True: converting these layers would change what the model computes: "
                          + "; ".join(refused))

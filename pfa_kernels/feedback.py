@@ -27,68 +27,28 @@ reset_parameters() redraws the same values. Explicit and projected layers with t
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
+import weakref
 
 import torch
 from torch import nn
 
 from . import projection
 from .backends.torch_ops import grouped_B, grouped_columns
+from .feedback_options import (  # noqa: F401  (re-exported: the options belong to the feedback's interface)
+    FEEDBACK_GROUPS,
+    FEEDBACK_INITS,
+    MASKED_R_MESSAGE,
+    PARAMETRIZATION_CHOICES,
+    PARAMETRIZATIONS,
+    check_feedback_options,
+    feedback_densities,
+    mid_channels_for,
+)
 from .feedback_state import STATE_FORMAT, fixed_state_checksum, load_fixed_state, loads_feedback
 
-FEEDBACK_INITS = ("random", "orthogonal", "identity")
-PARAMETRIZATIONS = ("explicit", "projected")
-FEEDBACK_GROUPS = ("grouped", "dense")
 # cond(B) above which projected feedback warns: float32 rounding in M·Z (~6e-8) may then exceed ~1e-5 relative.
 CONDITION_WARNING = 100.0
-
-
-def mid_channels_for(out_channels: int, expand_ratio, groups: int = 1) -> int:
-    """C_mid = round(expand_ratio * C_out) (half up), at least 1; checked to be divisible by groups."""
-    if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, numbers.Real):
-        raise TypeError(f"expand_ratio must be a number; got {expand_ratio!r}")
-    if not math.isfinite(expand_ratio) or expand_ratio <= 0:
-        raise ValueError(f"expand_ratio must be a finite number > 0; got {expand_ratio!r}")
-    mid_channels = max(1, math.floor(expand_ratio * out_channels + 0.5))
-    if mid_channels % groups:
-        raise ValueError(
-            f"expand_ratio={expand_ratio} gives C_mid = {mid_channels} feedback channels for C_out = {out_channels}, "
-            f"which groups={groups} does not divide; choose an expand_ratio that makes C_mid a multiple of groups")
-    return mid_channels
-
-
-def feedback_densities(feedback_density) -> tuple[float, float]:
-    """(B density, R density) from feedback_density: one number for both, or a pair (B, R)."""
-    pair = tuple(feedback_density) if isinstance(feedback_density, (tuple, list)) else None
-    values = pair if pair is not None else (feedback_density, feedback_density)
-    if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values):
-        raise TypeError(f"feedback_density must be a number in (0, 1] or a pair (B density, R density); "
-                        f"got {feedback_density!r}")
-    if not all(0 < v <= 1 for v in values):
-        raise ValueError(f"feedback_density must be in (0, 1]; got {feedback_density!r}")
-    return float(values[0]), float(values[1])
-
-
-def check_feedback_options(feedback_init, feedback_density, parametrization, feedback_groups="grouped"):
-    """Validate the feedback keyword arguments shared by every PFA layer and pk.convert."""
-    if feedback_init not in FEEDBACK_INITS:
-        raise ValueError(f"feedback_init must be one of {FEEDBACK_INITS}; got {feedback_init!r}")
-    B_density, R_density = feedback_densities(feedback_density)
-    if feedback_init == "identity" and min(B_density, R_density) < 1:
-        raise ValueError("feedback_init='identity' (Kolen-Pollack) takes no sparse mask: feedback_density must be 1")
-    if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}; got {parametrization!r}")
-    if parametrization == "projected" and R_density < 1:
-        raise ValueError(MASKED_R_MESSAGE.format(f"feedback_density={feedback_density!r}"))
-    if feedback_groups not in FEEDBACK_GROUPS:
-        raise ValueError(f"feedback_groups must be one of {FEEDBACK_GROUPS}; got {feedback_groups!r}")
-
-
-MASKED_R_MESSAGE = (
-    "parametrization='projected' cannot hold a masked R ({}): re-zeroing R elementwise after every update "
-    "leaves the row space of B^T, so the projected Z no longer reproduces B·R. Use parametrization='explicit', "
-    "or mask B alone with feedback_density=(B_density, 1.0)")
 
 
 class PFAFeedback(nn.Module):
@@ -384,6 +344,7 @@ class ProjectedFeedback(PFAFeedback):
 
     def __init__(self, *args, reset: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        LIVE_PROJECTED.add(self)  # for the optimizer check (parametrize.py)
         self.condition_number = None  # max cond(B_j), set when projecting
         factory = {"device": self.B.device, "dtype": self.B.dtype}
         self.Z = nn.Parameter(torch.empty(self.Z_shape, **factory))
@@ -425,6 +386,10 @@ class ProjectedFeedback(PFAFeedback):
         if self.M is not None:
             self.M.copy_(M)
         self.R_null = None
+
+    def __setstate__(self, state):  # copy.deepcopy, pickle: a new module the optimizer check must see too
+        super().__setstate__(state)
+        LIVE_PROJECTED.add(self)
 
     def _fixed_state_changed(self) -> None:
         self.refresh_projection_matrix()
@@ -494,14 +459,40 @@ class ProjectedFeedback(PFAFeedback):
 _FEEDBACK_CLASSES = {"explicit": ExplicitFeedback, "projected": ProjectedFeedback}
 
 
+def _near_square_random(out_channels, in_channels_per_group, kernel_size, groups, expand_ratio, feedback_init,
+                        feedback_density, seed, feedback_groups) -> bool:
+    """Whether B_j is random and near square, 2/3 <= (C_mid/G) / rows <= 3/2, where cond(B_j) ~ (1 + s) / (1 - s),
+    s = min(r_j, 1/r_j)^(1/2), exceeds 10 and reaches the hundreds near r_j = 1 (Marchenko-Pastur): "auto" keeps
+    such a layer explicit without projecting it first (the projection of an ill-conditioned B takes the SVD)."""
+    if feedback_init != "random":
+        return False
+    rows = out_channels // groups if groups > 1 and feedback_groups == "grouped" else out_channels
+    ratio = mid_channels_for(out_channels, expand_ratio, groups) / groups / max(rows, 1)
+    return 2 / 3 <= ratio <= 3 / 2
+LIVE_PROJECTED: weakref.WeakSet = weakref.WeakSet()  # every ProjectedFeedback alive (its Z must meet SGD-family steps)
+
+
 def make_feedback(out_channels: int, in_channels_per_group: int, kernel_size: tuple[int, ...] = (), groups: int = 1,
                   expand_ratio=10, feedback_init: str = "random", feedback_density=1.0, seed: int | None = None,
-                  device=None, dtype=None, parametrization: str = "explicit",
+                  device=None, dtype=None, parametrization: str = "auto",
                   feedback_groups: str = "grouped") -> PFAFeedback:
     """The PFA feedback module of a layer with these settings: the one place that picks the parametrization's class.
     A layer with weight (C_out, C_in/groups, *kernel) passes out_channels = C_out, in_channels_per_group = C_in/groups.
     """
     check_feedback_options(feedback_init, feedback_density, parametrization, feedback_groups)
-    return _FEEDBACK_CLASSES[parametrization](out_channels, in_channels_per_group, kernel_size, groups, expand_ratio,
-                                              feedback_init, feedback_density, seed, device=device, dtype=dtype,
-                                              feedback_groups=feedback_groups)
+    arguments = (out_channels, in_channels_per_group, kernel_size, groups, expand_ratio, feedback_init,
+                 feedback_density, seed)
+    options = dict(device=device, dtype=dtype, feedback_groups=feedback_groups)
+    if parametrization != "auto":
+        return _FEEDBACK_CLASSES[parametrization](*arguments, **options)
+    # "auto": projected (BP's cost at any r; exact under SGD-family optimizers, which the optimizer hook of
+    # parametrize.py enforces) unless R is masked (not exact) or B is ill-conditioned (rounding in M·Z amplified by
+    # cond(B), > 100: a random B with r near 1 per group), where it is explicit.
+    if feedback_densities(feedback_density)[1] < 1 or _near_square_random(*arguments, feedback_groups):
+        return ExplicitFeedback(*arguments, **options)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="projected feedback with an ill-conditioned B")
+        projected = ProjectedFeedback(*arguments, **options)
+    if projected.condition_number > CONDITION_WARNING:
+        return ExplicitFeedback(*arguments, **options)
+    return projected

@@ -9,8 +9,10 @@ Feedback keyword arguments (keyword-only, shared by every layer and pk.convert):
     feedback_init     "random" (PFA), "orthogonal" (PFA-o, B B^T = I when C_mid >= C_out),
                       "identity" (Kolen-Pollack; needs C_mid == C_out)
     feedback_density  in (0, 1], or a pair (B density, R density): fixed Bernoulli masks on B and R
-    parametrization   "explicit" (R held as a Parameter) or "projected" (Z, W's shape, with W_fb = M·Z:
-                      exact for SGD-family optimizers at BP's cost, docs/design.md section 2.4; see
+    parametrization   "auto" (the default: "projected" wherever it is exact, explicit for a masked R, an
+                      ill-conditioned B or strategy "reference"), "explicit" (R held as a Parameter) or
+                      "projected" (Z, W's shape, with W_fb = M·Z: exact for SGD-family optimizers at BP's cost,
+                      docs/design.md section 2.4; an optimizer of another family raises at its first step; see
                       pk.reparametrize and pk.check_optimizer)
     feedback_groups   convolutions with groups > 1: "grouped" (B block-diagonal per group, so W_fb, R, Z and M
                       are grouped like W and the backward costs BP's; the default) or "dense" (one dense B
@@ -44,6 +46,8 @@ class _PFAMixin:
                        parametrization, strategy, backend, feedback_seed, device, dtype, rule="pfa",
                        feedback_groups="grouped"):
         if rule == "pfa":
+            if parametrization == "auto" and strategy == "reference":  # the literal algorithm needs an explicit R
+                parametrization = "explicit"
             self.feedback = make_feedback(self.weight.shape[0], in_per_group, kernel_size, groups, expand_ratio,
                                           feedback_init, feedback_density, feedback_seed, device=device, dtype=dtype,
                                           parametrization=parametrization, feedback_groups=feedback_groups)
@@ -140,7 +144,7 @@ class _PFAMixin:
 
 
 _PFA_DEFAULTS = {"expand_ratio": 10, "feedback_init": "random", "feedback_density": 1.0,
-                 "parametrization": "explicit", "strategy": "auto", "feedback_groups": "grouped"}
+                 "parametrization": "auto", "strategy": "auto", "feedback_groups": "grouped"}
 _INT64 = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
@@ -176,7 +180,7 @@ class PFALinear(_PFAMixin, nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 expand_ratio=10, feedback_init="random", feedback_density=1.0, parametrization="explicit",
+                 expand_ratio=10, feedback_init="random", feedback_density=1.0, parametrization="auto",
                  strategy="auto", backend="auto", feedback_seed=None, rule="pfa", feedback_groups="grouped"):
         _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule, expand_ratio,
                              feedback_seed, feedback_groups)
@@ -242,7 +246,7 @@ class _PFAConvNd(_PFAMixin):
 def _conv_class(base: type[nn.Module], spatial_dims: int, name: str):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
                  padding_mode="zeros", device=None, dtype=None, *, expand_ratio=10, feedback_init="random",
-                 feedback_density=1.0, parametrization="explicit", strategy="auto", backend="auto",
+                 feedback_density=1.0, parametrization="auto", strategy="auto", backend="auto",
                  feedback_seed=None, rule="pfa", feedback_groups="grouped"):
         _check_layer_options(feedback_init, feedback_density, parametrization, strategy, backend, rule, expand_ratio,
                              feedback_seed, feedback_groups, groups)

@@ -184,13 +184,26 @@ def _refuse_second_order(op_name: str, weight_index: int):
 # ----------------------------------------------------------------------------- linear
 
 
+def _not_a_view(output: torch.Tensor) -> torch.Tensor:
+    """`output` as a tensor of its own. F.linear of an input with more than 2 dims returns a view of its 2-D GEMM's
+    result, and autograd forbids modifying a custom Function's output in place when it is a view (an
+    nn.ReLU(inplace=True) after the layer, as in Swin V2's cpb_mlp): the same storage, without the view, copies
+    nothing."""
+    base = output._base
+    if base is None:
+        return output
+    if output.is_contiguous() and base.is_contiguous() and base.numel() == output.numel():
+        return torch.ops.aten._unsafe_view.default(base, output.shape)
+    return output.clone()
+
+
 @torch.library.custom_op("pfa_kernels::linear", mutates_args=())
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: torch.Tensor | None,
            M: torch.Tensor | None, feedback: torch.Tensor, parametrization: str, strategy: str, backend: str
            ) -> torch.Tensor:
     """PFA linear forward: y = x W^T + b. x (..., C_in), weight (C_out, C_in), B (C_out, C_mid),
     feedback R (C_mid, C_in) or Z (C_out, C_in), M (1, C_out, C_out) or None."""
-    return F.linear(x, weight, bias)
+    return _not_a_view(F.linear(x, weight, bias))
 
 
 @linear.register_fake
@@ -267,7 +280,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: to
     B (C_out, C_mid), feedback R (C_mid, C_in/groups, *kernel) or Z (C_out, C_in, *kernel),
     M (groups, C_out, C_out) or None.
     """
-    return _CONV_BY_SPATIAL_DIMS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+    return _not_a_view(_CONV_BY_SPATIAL_DIMS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups))
 
 
 @conv.register_fake
@@ -350,7 +363,7 @@ class _EagerLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, B, M, feedback, parametrization, strategy, backend):
         # ctx first, not a separate setup_context: that form binds the arguments with inspect on every call (70 us).
         _linear_setup_context(ctx, (x, weight, bias, B, M, feedback, parametrization, strategy, backend), None)
-        return F.linear(x, weight, bias)
+        return _not_a_view(F.linear(x, weight, bias))
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -365,7 +378,7 @@ class _EagerConv(torch.autograd.Function):
                 backend):
         _conv_setup_context(ctx, (x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization,
                                   strategy, backend), None)
-        return _CONV_BY_SPATIAL_DIMS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        return _not_a_view(_CONV_BY_SPATIAL_DIMS[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups))
 
     @staticmethod
     def backward(ctx, grad_output):

@@ -4,6 +4,9 @@
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     pk.check_optimizer(optimizer, model)               # raises for Adam & co. on a projected Z
 
+Every optimizer's first step runs the same check (a global step pre-hook, registered when pfa_kernels is imported),
+so a projected layer (parametrization "projected", or "auto", the default) never trains under Adam unnoticed.
+
 Why only some optimizers (docs/design.md §2.4): with R = B^T Z + N, an update of R that is linear
 in its gradient B^T dL/dW and in R itself is B^T times the same update of Z, so B·R = M·Z holds after
 every step. SGD (momentum, dampening, Nesterov, weight decay, any lr schedule) and ASGD are linear, and so is a
@@ -17,11 +20,13 @@ other caveat: it sees ||dL/dZ|| = ||dL/dW|| where the explicit layer has ||B^T d
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .feedback import PARAMETRIZATIONS
+from .feedback import LIVE_PROJECTED, PARAMETRIZATIONS
 from .nn import PFA_LAYERS
 
 # Optimizers whose update is linear in (gradient, parameter), given their hyper-parameters and step count.
@@ -115,3 +120,38 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
             f"parametrization='explicit' (pk.reparametrize(model, 'explicit') before building the optimizer) or an "
             f"SGD optimizer")
     return optimizer
+
+
+# ----------------------------------------------------------------------------- the global first-step check
+
+_CHECKED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _describe(feedback) -> str:
+    kernel = "x".join(map(str, feedback.kernel_size))
+    return (f"Z {tuple(feedback.Z.shape)} (a {feedback.in_channels_per_group * feedback.groups} -> "
+            f"{feedback.out_channels} {'linear' if not kernel else kernel + ' conv'} layer)")
+
+
+def _check_first_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A step pre-hook of every torch optimizer (torch.optim.optimizer.register_optimizer_step_pre_hook): at the first
+    step of an optimizer that is not SGD-family, raise if it updates a projected layer's Z, whose training then is
+    not PFA. Later steps, and optimizers that passed, cost one set lookup."""
+    if optimizer in _CHECKED_OPTIMIZERS:
+        return
+    if not _linear_update(optimizer):
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        projected = [_describe(feedback) for feedback in list(LIVE_PROJECTED) if id(feedback.Z) in held]
+        if projected:
+            name = type(optimizer).__name__
+            raise ValueError(
+                f"{name} updates the projected feedback {_names(projected)}: projected feedback (parametrization "
+                f"'projected', which 'auto', the default, picks) reproduces PFA only under optimizers whose update is "
+                f"linear in the gradient (SGD with any momentum, dampening, Nesterov and weight decay; ASGD). Build "
+                f"the model with parametrization='explicit' (pk.convert(..., parametrization='explicit'), or "
+                f"pk.reparametrize(model, 'explicit') before building the optimizer) to train it with {name}; "
+                f"pk.check_optimizer(optimizer, model) names the layers")
+    _CHECKED_OPTIMIZERS.add(optimizer)
+
+
+register_optimizer_step_pre_hook(_check_first_step)

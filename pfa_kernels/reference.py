@@ -48,7 +48,8 @@ class _LiteralPFA(torch.autograd.Function):
         mid = _forward_conv(x, R, None, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight, bias, B, R, mid)
         ctx.conv_args = (stride, padding, dilation, groups)
-        return y
+        # F.linear of a 3-D input returns a view, which a custom Function may not hand out for in-place use.
+        return y if y._base is None else y.clone()
 
     @staticmethod
     def backward(ctx, grad_output):

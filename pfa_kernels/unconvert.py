@@ -4,7 +4,9 @@
     state = pk.bp_state_dict(pfa_model.state_dict())          # loads into the torchvision model, strict=True
 
 The forward of a PFA layer is its nn counterpart's (nn.py), so the unconverted model computes exactly what the
-PFA model computed; only the feedback (B, R or Z, M, masks: what trains dL/dx) is dropped.
+PFA model computed; only the feedback (B, R or Z, M, masks: what trains dL/dx) is dropped. Attention modules
+convert replaced go back to their original class: PFAMultiheadAttention to nn.MultiheadAttention, the Swin adapters
+to torchvision's ShiftedWindowAttention(V2).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .convert import layer_arguments, layer_classes, replace_modules
+from .attention import PFAMultiheadAttention
+from .convert import attention_adapters, layer_arguments, layer_classes, replace_modules
 from .dfa import DirectFeedbackAlignment
 from .nn import PFA_LAYERS
 
 # A PFA layer's feedback state sits under "<layer>.feedback.<name>", with the names of feedback.py and baselines.py
 # (a user's own module called "feedback" with a "weight" is not matched).
-_FEEDBACK_KEY = re.compile(r"(?:^|\.)feedback\.(?:B|R|Z|M|R_null|B_mask|R_mask|F)$")
+_FEEDBACK_KEY = re.compile(r"(?:^|\.)feedback\.(?:B|R|Z|M|R_null|B_mask|R_mask|F|_extra_state)$")
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,10 @@ def _nn_layer(layer: nn.Module) -> nn.Module:
 
 def unconvert(model: nn.Module, return_report: bool = False):
     """Replace every PFA layer of `model` (in place) by its nn counterpart holding the same weight and bias
-    Parameters (the optimizer's references stay valid); return the model, or (model, [UnconversionRecord, ...]).
+    Parameters (the optimizer's references stay valid), and every attention module pk.convert replaced by its
+    original class (PFAMultiheadAttention by nn.MultiheadAttention, with one record listing its projections'
+    feedback; a Swin adapter by torchvision's class, its qkv and proj recorded as layers); return the model, or
+    (model, [UnconversionRecord, ...]).
 
     Outputs are unchanged: a PFA layer's forward is nn's. A layer used at several places becomes one nn layer at
     all of them. A pk.convert(mode="dfa") wrapper gives back the model it wraps. The model is untouched if the
@@ -60,17 +66,29 @@ def unconvert(model: nn.Module, return_report: bool = False):
     if isinstance(model, DirectFeedbackAlignment):
         raise TypeError("a DirectFeedbackAlignment wrapper (pk.convert(mode='dfa')) holds nn layers already: use "
                         "its .model, and remove the wrapper's hooks by building a fresh model from its state dict")
+    adapters = tuple(attention_adapters().values())
     places: dict[int, list[str]] = {}
     layers: dict[int, nn.Module] = {}
+    inside: set[int] = set()  # PFA layers of a PFAMultiheadAttention: they go with it
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, PFA_LAYERS):
-            places.setdefault(id(module), []).append(name)
-            layers[id(module)] = module
-    replacements = {key: _nn_layer(layer) for key, layer in layers.items()}  # all built before any swap
+        if id(module) in inside:
+            continue
+        if isinstance(module, adapters):
+            if isinstance(module, PFAMultiheadAttention):
+                inside.update(id(layer) for layer in module.pfa_layers())
+        elif not isinstance(module, PFA_LAYERS):
+            continue
+        places.setdefault(id(module), []).append(name)
+        layers[id(module)] = module
+    # All built before any swap.
+    replacements = {key: layer.to_module() if isinstance(layer, adapters) else _nn_layer(layer)
+                    for key, layer in layers.items()}
     records = []
     for key, names in places.items():
         layer, plain = layers[key], replacements[key]
-        removed = tuple(f"feedback.{k}" for k in layer.feedback.state_dict())
+        owned = layer.named_children() if isinstance(layer, PFAMultiheadAttention) else [("", layer)]
+        removed = tuple(f"{child}.feedback.{k}".lstrip(".") for child, sub in owned if isinstance(sub, PFA_LAYERS)
+                        for k in sub.feedback.state_dict())
         records += [UnconversionRecord(name, type(layer).__name__, type(plain).__name__, removed) for name in names]
     model = replace_modules(model, places, replacements)
     return (model, records) if return_report else model

@@ -17,33 +17,32 @@ def _plain_layers(model):
 
 @pytest.mark.parametrize("name, input_size", [("resnet18", 32), ("resnet50", 32), ("vit_b_16", 224)])
 def test_converts_torchvision_models_keeping_weights(name, input_size):
+    """Every Linear and Conv becomes a PFA layer holding the same weight Parameter; ViT's attention becomes a
+    PFAMultiheadAttention whose in_proj holds nn's in_proj_weight (the report names it "<attention>.in_proj")."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10)
     before = _plain_layers(model)
     weights = {n: m.weight for n, m in before.items()}
+    attention = {n: m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    weights.update({f"{n}.in_proj": m.in_proj_weight for n, m in attention.items()})
     x = torch.randn(2, 3, input_size, input_size)
     model.eval()
     with torch.no_grad():
         expected = model(x)
     model, report = pk.convert(model, expand_ratio=0.25, return_report=True)
-    converted = [r for r in report if r.converted]
-    skipped = [r for r in report if not r.converted]
-    attention = {n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    assert {r.name for r in report} == set(before) | attention
-    for record in converted:
+    assert {r.name for r in report} == set(weights) and all(r.converted for r in report)
+    assert len(report) == {"resnet18": 21, "resnet50": 54, "vit_b_16": 1 + 12 * 4 + 1}[name]
+    for record in report:
         layer = model.get_submodule(record.name)
         assert isinstance(layer, pk.nn.PFA_LAYERS)
         assert layer.weight is weights[record.name]
-    if name == "vit_b_16":
-        assert skipped and all("MultiheadAttention" in r.reason or "in_proj_weight" in r.reason for r in skipped)
-        assert any(r.name.endswith("mlp.0") for r in converted) and any(r.name == "conv_proj" for r in converted)
-    else:
-        assert not skipped
+    assert all(isinstance(model.get_submodule(n), pk.PFAMultiheadAttention) for n in attention)
+    assert not _plain_layers(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected)  # same forward: the weights were kept
     model.train()
     model(x).sum().backward()
-    assert all(model.get_submodule(r.name).feedback.R.grad is not None for r in converted)
+    assert all(model.get_submodule(r.name).feedback.parameter.grad is not None for r in report)
 
 
 def test_exclude_seed_and_kwargs():

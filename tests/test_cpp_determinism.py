@@ -51,7 +51,7 @@ def test_cpu_layer_backward_runs_in_deterministic_mode(deterministic):
     x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     assert layer.backward_plan(x.shape).input_order == "sequence"
     layer(x).sum().backward()
-    assert x.grad is not None and layer.feedback.R.grad is not None
+    assert x.grad is not None and layer.feedback.parameter.grad is not None
 
 
 @requires_cuda

@@ -124,9 +124,9 @@ def _layer(make_layer, make_nn, input_shape, strategy, device="cpu"):
     _assert_same(y, y_nn, "output")
     for name in ("weight", "bias"):
         _assert_same(getattr(layer, name).grad, getattr(twin, name).grad, f"dL/d{name}")
-    assert x_layer.grad.shape == x.shape and layer.feedback.R.grad.shape == layer.feedback.R.shape
+    assert x_layer.grad.shape == x.shape and layer.feedback.parameter.grad.shape == layer.feedback.parameter.shape
     if isinstance(layer, nn.Conv2d) and layer.in_channels == 0:
-        assert x_layer.grad.numel() == 0 and layer.feedback.R.grad.numel() == 0
+        assert x_layer.grad.numel() == 0 and layer.feedback.parameter.grad.numel() == 0
     else:
         assert_matches_reference(layer, x, TOLERANCE[torch.float64])
 

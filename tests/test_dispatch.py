@@ -229,7 +229,7 @@ def test_auto_layers_match_the_reference_before_and_after_the_decision(device, p
 
 
 def test_backward_plan_shows_the_measured_choice_and_timings():
-    layer = pk.PFALinear(16, 8, expand_ratio=4)
+    layer = pk.PFALinear(16, 8, expand_ratio=4, parametrization="explicit")
     before = layer.backward_plan((5, 16))
     assert before.backend == "torch" and "not measured yet" in before.reason and before.timings == {}
     layer(torch.randn(5, 16, requires_grad=True)).sum().backward()
@@ -259,7 +259,7 @@ def test_a_wrong_compiled_kernel_is_rejected_and_the_layer_stays_exact(monkeypat
         return (grads[0] * 1.01, *grads[1:])
 
     monkeypatch.setattr(torch.ops.pfa_kernels, "cpp_linear_backward", wrong)
-    layer = pk.PFALinear(7, 5, expand_ratio=2, dtype=torch.float64)
+    layer = pk.PFALinear(7, 5, expand_ratio=2, dtype=torch.float64, parametrization="explicit")
     x = torch.randn(3, 7, dtype=torch.float64)
     with pytest.warns(dispatch.DispatchWarning, match=r"cpp:\S+ relative error 0\.01 > 1e-09 \(float64\)"):
         assert_matches_reference(layer, x, 1e-10)

@@ -79,7 +79,7 @@ def test_feedback_weight_matches_literal_product(feedback_groups):
     feedback's W_fb is that product, grouped feedback's is its diagonal blocks (zeros elsewhere)."""
     for groups in (1, 3):
         feedback = make_feedback(6, 2, (3, 3), groups=groups, expand_ratio=2, seed=0, dtype=torch.float64,
-                                 feedback_groups=feedback_groups)
+                                 feedback_groups=feedback_groups, parametrization="explicit")
         expected = pk.reference.feedback_weight(feedback.dense_B(), feedback.R, groups)
         if feedback.grouped:
             assert feedback.B.shape == (6, 4) and feedback.feedback_weight().shape == (6, 2, 3, 3)
@@ -331,8 +331,8 @@ def test_a_checkpoint_that_carries_B_still_loads(parametrization):
 
 
 def test_checkpoint_of_other_feedback_groups_explains_itself():
-    grouped = pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2)
-    dense = pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2, feedback_groups="dense")
+    grouped = pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2, parametrization="explicit")
+    dense = pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=2, feedback_groups="dense", parametrization="explicit")
     with pytest.raises(RuntimeError, match="this layer 'dense'; build the model with feedback_groups='grouped'"):
         dense.load_state_dict(grouped.state_dict())
     old = {**{k: v for k, v in dense.state_dict().items() if not k.endswith("_extra_state")},

@@ -15,7 +15,7 @@ from pfa_kernels import metrics
 @pytest.mark.parametrize("expand_ratio", [1, 10])
 def test_path_alignment_matches_theory_when_R_is_B_transpose_W(expand_ratio):
     torch.manual_seed(0)
-    layer = pk.PFAConv2d(128, 128, 3, expand_ratio=expand_ratio, dtype=torch.float64)
+    layer = pk.PFAConv2d(128, 128, 3, expand_ratio=expand_ratio, dtype=torch.float64, parametrization="explicit")
     with torch.no_grad():
         layer.feedback.R.copy_(torch.einsum("om,oikl->mikl", layer.feedback.B, layer.weight))
     expected = math.degrees(math.acos(1 / math.sqrt(1 + 1 / expand_ratio)))
@@ -27,7 +27,8 @@ def test_path_alignment_matches_theory_when_R_is_B_transpose_W(expand_ratio):
 
 
 def test_alignment_of_grouped_layers_uses_block_diagonal_weight():
-    layer = pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=1, feedback_init="identity", dtype=torch.float64)
+    layer = pk.PFAConv2d(4, 4, 3, groups=2, expand_ratio=1, feedback_init="identity", dtype=torch.float64,
+                         parametrization="explicit")
     with torch.no_grad():
         layer.feedback.R.copy_(layer.weight)
     assert metrics.path_alignment(layer) == pytest.approx(0.0, abs=1e-5)
@@ -49,10 +50,11 @@ def test_report_rows_and_table():
 
 
 def _model_with_bn():
-    return nn.Sequential(pk.PFAConv2d(3, 6, 3, padding=1, expand_ratio=1, feedback_init="identity"),
+    identity = dict(expand_ratio=1, feedback_init="identity", parametrization="explicit")
+    return nn.Sequential(pk.PFAConv2d(3, 6, 3, padding=1, **identity),
                          nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
-                         pk.PFALinear(6 * 16, 10, expand_ratio=1, feedback_init="identity"), nn.ReLU(),
-                         pk.PFALinear(10, 3, expand_ratio=3))
+                         pk.PFALinear(6 * 16, 10, **identity), nn.ReLU(),
+                         pk.PFALinear(10, 3, expand_ratio=3, parametrization="explicit"))
 
 
 def test_input_gradient_alignment_is_zero_when_feedback_is_the_weight_and_restores_state():
@@ -80,8 +82,8 @@ def test_input_gradient_alignment_is_zero_when_feedback_is_the_weight_and_restor
 
 def test_input_gradient_alignment_of_a_network_that_is_backpropagation():
     torch.manual_seed(1)
-    model = nn.Sequential(pk.PFALinear(5, 8, expand_ratio=1, feedback_init="identity"), nn.Tanh(),
-                          pk.PFALinear(8, 4, expand_ratio=1, feedback_init="identity"))
+    identity = dict(expand_ratio=1, feedback_init="identity", parametrization="explicit")
+    model = nn.Sequential(pk.PFALinear(5, 8, **identity), nn.Tanh(), pk.PFALinear(8, 4, **identity))
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.feedback.R.copy_(layer.weight)

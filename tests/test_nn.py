@@ -174,7 +174,8 @@ def test_identity_feedback_gives_R_the_weight_gradient():
                                                       if (strategy, feedback_groups) != ("sequence", "grouped")])
 def test_feedback_equal_to_weight_gives_backpropagation(strategy, feedback_groups):
     layer = pk.PFAConv2d(4, 6, 3, stride=2, groups=2, padding=1, dtype=torch.float64, expand_ratio=1,
-                         feedback_init="identity", strategy=strategy, feedback_groups=feedback_groups)
+                         feedback_init="identity", strategy=strategy, feedback_groups=feedback_groups,
+                         parametrization="explicit")
     with torch.no_grad():
         layer.feedback.R.copy_(layer.weight)
     plain = nn.Conv2d(4, 6, 3, stride=2, groups=2, padding=1, dtype=torch.float64)
@@ -204,13 +205,13 @@ def test_state_dict_round_trip():
 
 def test_loads_backpropagation_checkpoints():
     conv = nn.Conv2d(3, 5, 3)
-    layer = pk.PFAConv2d(3, 5, 3)
+    layer = pk.PFAConv2d(3, 5, 3, parametrization="explicit")
     B_before = layer.feedback.B.clone()
     layer.load_state_dict(conv.state_dict())
     assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)
     assert torch.equal(layer.feedback.B, B_before)
     linear = nn.Linear(4, 2)
-    pfa_linear = pk.PFALinear(4, 2)
+    pfa_linear = pk.PFALinear(4, 2, parametrization="explicit")
     pfa_linear.load_state_dict(linear.state_dict())
     assert torch.equal(pfa_linear.weight, linear.weight)
     # A PFA checkpoint missing part of its feedback is an error, not a silent skip.
@@ -236,11 +237,11 @@ def test_extra_repr_and_isinstance():
 
 
 def test_backward_plan_reports_choice():
-    layer = pk.PFALinear(1024, 1024, expand_ratio=10)
+    layer = pk.PFALinear(1024, 1024, expand_ratio=10, parametrization="explicit")
     plan = layer.backward_plan((8, 1024))
     assert (plan.input_order, plan.feedback_grad_order) == ("sequence", "sequence")
     assert plan.macs[("sequence", "sequence")] < plan.macs[("product", "product")]
-    conv = pk.PFAConv2d(64, 64, 3, padding=1, expand_ratio=10)
+    conv = pk.PFAConv2d(64, 64, 3, padding=1, expand_ratio=10, parametrization="explicit")
     plan = conv.backward_plan((16, 64, 56, 56))
     assert plan.input_order == "product" and plan.backend == "torch" and "cheapest" in plan.reason
 
@@ -283,9 +284,11 @@ def test_bad_input_raises_and_changes_nothing():
 def test_saves_only_what_backward_needs(layer_kind):
     """No forward through R: autograd keeps x, W, B and R (parameter views), never a C_mid activation."""
     if layer_kind == "linear":
-        layer, x = pk.PFALinear(6, 5, expand_ratio=10), torch.randn(4, 6, requires_grad=True)
+        layer = pk.PFALinear(6, 5, expand_ratio=10, parametrization="explicit")
+        x = torch.randn(4, 6, requires_grad=True)
     else:
-        layer, x = pk.PFAConv2d(3, 5, 3, expand_ratio=10), torch.randn(2, 3, 8, 8, requires_grad=True)
+        layer = pk.PFAConv2d(3, 5, 3, expand_ratio=10, parametrization="explicit")
+        x = torch.randn(2, 3, 8, 8, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         y = layer(x)
@@ -431,3 +434,24 @@ def test_brsf_draws_its_feedback_on_every_forward():
     with torch.no_grad():
         layer(torch.randn(2, 5))
     assert not torch.equal(first, layer.feedback.last_feedback_weight)
+
+
+@pytest.mark.parametrize("through_op", [False, True])
+@pytest.mark.parametrize("shape", [(5, 4), (3, 5, 4), (2, 3, 5, 4)])
+def test_an_inplace_activation_after_a_layer_gets_the_same_gradients(shape, through_op, monkeypatch):
+    """nn.ReLU(inplace=True) after a PFALinear (Swin V2's cpb_mlp): F.linear of a 3-D input returns a view, which
+    autograd lets no custom Function hand out for in-place use; the layer's output is a tensor of its own, on the
+    eager path and through the torch.library op alike."""
+    if through_op:
+        monkeypatch.setattr(pk.ops, "_eager", lambda *tensors: False)
+    torch.manual_seed(0)
+    layer = pk.PFALinear(4, 6, expand_ratio=2, dtype=torch.float64, parametrization="explicit")
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for activation in (nn.ReLU(), nn.ReLU(inplace=True)):
+        layer.zero_grad()
+        x.grad = None
+        activation(layer(x)).square().sum().backward()
+        grads.append([x.grad.clone(), layer.weight.grad.clone(), layer.feedback.parameter.grad.clone()])
+    for plain, inplace in zip(*grads, strict=True):
+        torch.testing.assert_close(inplace, plain, rtol=1e-13, atol=1e-13)

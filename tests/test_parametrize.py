@@ -12,18 +12,19 @@ from torch import nn
 import pfa_kernels as pk
 
 
-def _small_cnn(dtype=torch.float64):
+def _small_cnn(dtype=torch.float64, parametrization="explicit"):
     """Convs with stride and groups (grouped feedback; dense feedback with M kept, and with M applied through B), a
     sparse B, a linear head with C_mid < C_out."""
     torch.manual_seed(0)
+    explicit = {"dtype": dtype, "parametrization": "explicit"}
     return nn.Sequential(
-        pk.PFAConv2d(3, 8, 3, stride=2, padding=1, expand_ratio=10, feedback_seed=1, dtype=dtype), nn.ReLU(),
-        pk.PFAConv2d(8, 8, 3, padding=1, groups=2, expand_ratio=2, feedback_seed=2, dtype=dtype,
-                     feedback_groups="dense"), nn.Tanh(),
+        pk.PFAConv2d(3, 8, 3, stride=2, padding=1, expand_ratio=10, feedback_seed=1, **explicit), nn.ReLU(),
+        pk.PFAConv2d(8, 8, 3, padding=1, groups=2, expand_ratio=2, feedback_seed=2, feedback_groups="dense",
+                     **explicit), nn.Tanh(),
         pk.PFAConv2d(8, 8, 3, stride=2, padding=1, groups=4, expand_ratio=1, feedback_density=(0.5, 1.0),
-                     feedback_seed=3, dtype=dtype, feedback_groups="dense"), nn.ReLU(),
-        pk.PFAConv2d(8, 8, 3, padding=1, groups=8, expand_ratio=3, feedback_seed=5, dtype=dtype), nn.Tanh(),
-        nn.Flatten(), pk.PFALinear(8 * 2 * 2, 5, expand_ratio=0.5, feedback_seed=4, dtype=dtype))
+                     feedback_seed=3, feedback_groups="dense", **explicit), nn.ReLU(),
+        pk.PFAConv2d(8, 8, 3, padding=1, groups=8, expand_ratio=3, feedback_seed=5, **explicit), nn.Tanh(),
+        nn.Flatten(), pk.PFALinear(8 * 2 * 2, 5, expand_ratio=0.5, feedback_seed=4, **explicit))
 
 
 def _pfa_layers(model):
@@ -103,7 +104,7 @@ def test_projected_layer_equals_explicit_layer_with_the_same_seed():
                    dict(expand_ratio=1, feedback_init="orthogonal"), dict(groups=4, feedback_init="orthogonal"),
                    dict(expand_ratio=1, feedback_init="identity"), dict(groups=2, expand_ratio=1,
                                                                         feedback_init="identity")):
-        explicit = pk.PFAConv2d(8, 8, 3, feedback_seed=7, dtype=torch.float64, **kwargs)
+        explicit = pk.PFAConv2d(8, 8, 3, feedback_seed=7, dtype=torch.float64, parametrization="explicit", **kwargs)
         projected = pk.PFAConv2d(8, 8, 3, feedback_seed=7, dtype=torch.float64, parametrization="projected", **kwargs)
         assert relative_error(projected.feedback.feedback_weight(), explicit.feedback.feedback_weight()) < 1e-12
         # Built projected, the way back to explicit gives the seeded R itself (its null part is re-derived).
@@ -146,7 +147,8 @@ def test_masked_R_is_refused_and_nothing_changes():
         pk.PFAConv2d(4, 4, 3, feedback_density=0.5, parametrization="projected")
     with pytest.raises(ValueError, match="masked R"):
         pk.convert(nn.Sequential(nn.Linear(3, 4)), feedback_density=(1.0, 0.5), parametrization="projected")
-    model = nn.Sequential(pk.PFALinear(3, 4), pk.PFALinear(4, 2, feedback_density=0.5))
+    model = nn.Sequential(pk.PFALinear(3, 4, parametrization="explicit"),
+                          pk.PFALinear(4, 2, feedback_density=0.5, parametrization="explicit"))
     with pytest.raises(ValueError, match="layer '1' has a masked R"):
         pk.reparametrize(model, "projected")
     assert all(layer.parametrization == "explicit" for layer in model)
@@ -175,7 +177,7 @@ def test_check_optimizer_accepts_sgd_and_rejects_adam():
     # Adam on the forward weights alone, or on an explicit model, is fine.
     weights_only = [p for name, p in model.named_parameters() if "feedback" not in name]
     pk.check_optimizer(torch.optim.Adam(weights_only), model)
-    explicit = pk.convert(nn.Sequential(nn.Linear(3, 2)))
+    explicit = pk.convert(nn.Sequential(nn.Linear(3, 2)), parametrization="explicit")
     pk.check_optimizer(torch.optim.Adam(explicit.parameters()), explicit)
     with pytest.raises(TypeError, match="optimizer must be"):
         pk.check_optimizer("sgd", model)
@@ -307,3 +309,55 @@ def test_check_optimizer_detects_an_optimizer_built_before_reparametrize(switch_
         pk.check_optimizer(stale, model)
     pk.check_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
     pk.check_optimizer(weights_only, model)  # it holds nothing that reparametrize replaced
+
+
+# ----------------------------------------------------------------------------- parametrization="auto" (the default)
+
+
+def test_auto_is_projected_wherever_exact():
+    """The default: projected (BP's cost) unless R is masked, B is ill-conditioned or the literal algorithm runs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto never warns about conditioning: it does not project then
+        assert pk.PFAConv2d(4, 8, 3).parametrization == "projected"
+        assert pk.PFALinear(8, 4, expand_ratio=2).parametrization == "projected"
+        assert pk.PFAConv2d(8, 8, 3, groups=8).parametrization == "projected"
+        assert pk.PFAConv2d(4, 8, 3, feedback_density=0.5).parametrization == "explicit"  # masked R
+        assert pk.PFAConv2d(4, 8, 3, feedback_density=(0.5, 1.0)).parametrization == "projected"  # masked B only
+        assert pk.PFAConv2d(4, 8, 3, strategy="reference").parametrization == "explicit"
+        square = pk.PFALinear(64, 64, expand_ratio=1, feedback_seed=0)  # cond(B) > 100 for this seed
+        assert square.parametrization == "explicit"
+        assert pk.convert(nn.Sequential(nn.Linear(4, 4)))[0].parametrization == "projected"
+    explicit = pk.PFALinear(64, 64, expand_ratio=1, feedback_seed=0, parametrization="explicit")
+    assert torch.equal(square.feedback.R, explicit.feedback.R) and torch.equal(square.feedback.B, explicit.feedback.B)
+    with pytest.warns(UserWarning, match="ill-conditioned"):  # asked for by name, it projects and says so
+        pk.PFALinear(64, 64, expand_ratio=1, feedback_seed=0, parametrization="projected")
+    with pytest.raises(ValueError, match="parametrization must be one of \\('auto', 'explicit', 'projected'\\)"):
+        pk.PFALinear(4, 4, parametrization="implicit")
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop])
+def test_a_non_sgd_optimizer_on_projected_feedback_raises_at_its_first_step(optimizer_class):
+    model = pk.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)))
+    assert all(layer.parametrization == "projected" for layer in _pfa_layers(model))
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    before = copy.deepcopy(model.state_dict())
+    optimizer = optimizer_class(model.parameters(), lr=0.1)
+    name = optimizer_class.__name__
+    with pytest.raises(ValueError, match=f"{name} updates the projected feedback .*'Z \\(4, 3, 3, 3\\) \\(a 3 -> 4 "
+                                         f"3x3 conv layer\\)'"):
+        optimizer.step()
+    assert all(same_state_entry(value, before[key]) for key, value in model.state_dict().items())  # nothing stepped
+    with pytest.raises(ValueError, match="parametrization='explicit'"):  # and again: it never passes
+        optimizer.step()
+    # A copy of the model (deepcopy makes new feedback modules) is checked as well.
+    twin = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="updates the projected feedback"):
+        optimizer_class(twin.parameters(), lr=0.1).step()
+    # Not for SGD, not for an explicit model, not for an Adam that holds no Z.
+    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).step()
+    explicit = pk.reparametrize(copy.deepcopy(model), "explicit")
+    explicit(torch.randn(2, 3, 6, 6)).sum().backward()
+    optimizer_class(explicit.parameters(), lr=0.1).step()
+    optimizer_class([p for n, p in model.named_parameters() if "feedback" not in n], lr=0.1).step()
