@@ -17,6 +17,10 @@ import torch
 from .values import ConfigError
 
 NAME = "checkpoint.pt"
+# The state after the epoch with the best validation top-1 (log.keep_best): the same keys as NAME.
+BEST = "best.pt"
+# --eval <file>.pt writes its metrics to <file>.eval.json.
+EVAL_SUFFIX = ".eval.json"
 # What the training loop saves and needs back.
 KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "batch_in_epoch", "rng", "config",
         "feedback_generators")

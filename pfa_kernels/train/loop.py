@@ -1,10 +1,13 @@
-"""The training loop: rule conversion, optimizer and schedules, DDP, AMP, checkpoints that resume exactly,
-progress bars, metrics.jsonl and plots. run(config) trains and returns the last epoch's metrics."""
+"""The training loop: rule conversion, optimizer and schedules, DDP or FSDP2, AMP, weight averaging, checkpoints
+that resume exactly, the best epoch's checkpoint, progress bars, a line per epoch, metrics.jsonl and plots.
+run(config) trains and returns the last epoch's metrics; evaluate_checkpoint(path) evaluates a saved model."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import math
 import os
 import random
 import sys
@@ -22,22 +25,42 @@ from tqdm import tqdm
 import pfa_kernels as pk
 
 from ..nn import PFA_LAYERS
-from . import checkpoint, data, models, plots, rundir
+from . import checkpoint, data, models, optimization, plots, rundir
 from . import config as config_module
 from .values import ConfigError
 
 CHECKPOINT = checkpoint.NAME
 
 
-def _distributed(rank, world_size, init_method):
+def _world(rank, world_size):
     """(rank, world size): from arguments (tests), from torchrun's environment, or a single process."""
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
+    return rank or 0, world_size
+
+
+def _check_combinations(config: dict, world_size: int) -> None:
+    """Options that cannot go together, or not with this many processes: ConfigError naming them."""
+    train, mode = config["train"], config["rule"]["mode"]
+    if train["fsdp"] and world_size < 2:
+        raise ConfigError("train.fsdp=true shards the model over the processes of a distributed run and needs 2 or "
+                          "more (torchrun --nproc_per_node N); this run has 1")
+    if train["fsdp"] and mode == "dfa":
+        raise ConfigError("train.fsdp=true cannot shard rule.mode='dfa': its feedback D (activations x outputs) is "
+                          "drawn at the first forward and used whole; DFA suits models that fit one device (DDP)")
+    if train["ema_decay"] is not None and mode == "dfa":
+        raise ConfigError("train.ema_decay cannot average rule.mode='dfa': its feedback D is drawn at the first "
+                          "training forward, after the averaged copy is made")
+
+
+def _distributed(rank, world_size, init_method):
+    """(rank, world size), with the process group initialized when there are several."""
+    rank, world_size = _world(rank, world_size)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size)
-    return rank or 0, world_size
+    return rank, world_size
 
 
 def _device(config, rank):
@@ -69,17 +92,6 @@ def apply_rule(model: nn.Module, config: dict) -> nn.Module:
         if mode == "pfa":
             kwargs["expand_ratio"] = rule["expand_ratio"]
     return pk.convert(model, mode=mode, **kwargs)
-
-
-def _optimizer(model, config):
-    optim = config["optim"]
-    if optim["name"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=optim["lr"], momentum=optim["momentum"],
-                               nesterov=optim["nesterov"], weight_decay=optim["weight_decay"])
-    if optim["name"] in ("adam", "adamw"):
-        cls = torch.optim.Adam if optim["name"] == "adam" else torch.optim.AdamW
-        return cls(model.parameters(), lr=optim["lr"], weight_decay=optim["weight_decay"])
-    raise ValueError(f"optim.name must be sgd, adam or adamw; got {optim['name']!r}")
 
 
 def weight_decay_for(epoch: int, optim: dict) -> float:
@@ -149,9 +161,11 @@ def _broadcast_normalization_state(model, world_size):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, channels_last, world_size) -> dict:
-    """Loss, top-1 and top-5 over the whole validation set: each rank evaluates its shard (the unwrapped model:
-    ranks may have different numbers of batches, and a DDP forward is a collective), the sums are all-reduced."""
+def evaluate(model, loader, device, autocast, channels_last, world_size, collective=False) -> dict:
+    """Loss (plain cross-entropy), top-1 and top-5 over the whole validation set: each rank evaluates its shard (the
+    unwrapped model: ranks may have different numbers of batches, and a DDP forward is a collective), the sums are
+    all-reduced. collective: the forward is a collective (FSDP gathers the parameters), so every rank runs as many
+    forwards as the rank with the most batches, the extra ones on a sample whose output is not counted."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     for images, labels in loader:
@@ -162,6 +176,15 @@ def evaluate(model, loader, device, autocast, channels_last, world_size) -> dict
         totals += torch.tensor([nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item(),
                                 (top[:, 0] == labels).sum().item(), (top == labels[:, None]).any(1).sum().item(),
                                 len(labels)], dtype=torch.float64, device=device)
+    if collective and world_size > 1:
+        most = torch.tensor([len(loader)], device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        if int(most.item()) > len(loader):
+            sample, label = loader.dataset[0]
+            sample, _ = _to_device(sample[None], torch.tensor([label]), device, channels_last)
+            for _ in range(int(most.item()) - len(loader)):
+                with autocast():
+                    model(sample)
     if world_size > 1:
         dist.all_reduce(totals)
     model.train()
@@ -190,11 +213,22 @@ def input_gradient_alignment(model, loader, batches: int, device, channels_last)
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def _load_starting_weights(model, path, device):
+def build_model(config: dict, example: torch.Tensor) -> nn.Module:
+    """The config's model (models.build), checked against an example image, with its rule applied; on the CPU."""
+    model = models.build(config, tuple(example.shape))
+    models.check_input(model, config, example)
+    try:
+        return apply_rule(model, config)
+    except ValueError as error:  # pk.convert refusing an option or a combination of them
+        raise ConfigError(f"rule={config['rule']} cannot convert model.name={config['model']['name']!r}: "
+                          f"{error}") from error
+
+
+def _load_starting_weights(model, path):
     """model.checkpoint: a backpropagation state dict; strict, so every BP key must fit (PFA feedback keeps its
     draw)."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"model.checkpoint={path!r}: no such file") from None
     except Exception as error:
@@ -206,21 +240,39 @@ def _load_starting_weights(model, path, device):
         raise ConfigError(f"model.checkpoint={path!r} does not fit this model: {error}") from error
 
 
-def _restore(state, path, model, optimizer, scheduler, scaler, optim, changes):
+def _restore(state, path, model, optimizer, scheduler, scaler, optim, changes, ema, fsdp):
     """Load a resumed run's state, then put back the optimizer settings this run changes (load_state_dict brings back
-    the checkpoint's)."""
+    the checkpoint's). Under FSDP every rank loads the whole state and keeps its shards."""
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:
+            from . import sharding
+
+            sharding.load_model_state(model, state["model"])
+            sharding.load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if fsdp:
+                sharding.load_model_state(ema.module, state["ema"]["module"])
+            else:
+                ema.module.load_state_dict(state["ema"]["module"])
+            ema.n_averaged.fill_(state["ema"]["n_averaged"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise ConfigError(f"{path} does not fit the model and optimizer this config builds: {error}") from error
     for group in optimizer.param_groups:
         for key in ("momentum", "nesterov"):
             if f"optim.{key}" in changes and key in group:
                 group[key] = optim[key]
-    if changes.keys() & {"optim.lr", "optim.lr_milestones", "optim.lr_gamma"}:
+    if optim["schedule"] == "cosine":
+        # The schedule's value at this step from this run's lr, min_lr, warmup and epochs (a closure over them).
+        scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"], group["lr"] = optim["lr"], optim["lr"] * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    elif changes.keys() & {"optim.lr", "optim.lr_milestones", "optim.lr_gamma"}:
         # The step schedule's value at this epoch, from the new lr, milestones and gamma.
         scheduler.milestones, scheduler.gamma = Counter(optim["lr_milestones"]), optim["lr_gamma"]
         scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)
@@ -233,6 +285,34 @@ def _restore(state, path, model, optimizer, scheduler, scaler, optim, changes):
         module.load_generator_state(state["feedback_generators"].get(name))
 
 
+def summary_line(metrics: dict, epochs: int, seconds: float, best: bool) -> str:
+    """log.epoch_summary: one line per epoch (epochs counted from 0, as in metrics.jsonl)."""
+    parts = [f"epoch {metrics['epoch']} ({metrics['epoch'] + 1}/{epochs})",
+             f"train loss {metrics['train_loss']:.4f} top-1 {metrics['train_top1']:.2f}%",
+             f"val loss {metrics['val_loss']:.4f} top-1 {metrics['val_top1']:.2f}% top-5 {metrics['val_top5']:.2f}%"]
+    if "ema_val_top1" in metrics:
+        parts.append(f"EMA val top-1 {metrics['ema_val_top1']:.2f}%")
+    parts += [f"lr {metrics['lr']:.4g}", f"{metrics['images_per_s']:.0f} img/s", f"{seconds:.1f} s"]
+    return " | ".join(parts) + (" | best" if best else "")
+
+
+def _layer_metrics(model, val_loader, batches, device, channels_last) -> list[dict]:
+    """Per PFA layer: path alignment, norm ratio and (over `batches` validation batches) input-gradient alignment."""
+    gradient_angles = input_gradient_alignment(model, val_loader, batches, device, channels_last)
+    rows = [{k: row[k] for k in ("layer", "rule", "path_alignment", "norm_ratio")} for row in pk.metrics.report(model)]
+    for row in rows:
+        if row["layer"] in gradient_angles:
+            row["input_gradient_alignment"] = gradient_angles[row["layer"]]
+    return rows
+
+
+def _autocast(amp, device):
+    def autocast():
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype, enabled=amp != "fp32")
+    return autocast
+
+
 def run(config: dict, rank: int | None = None, world_size: int | None = None, init_method: str | None = None,
         resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Train with `config` (validated first); resume continues log.dir's checkpoint, overwrite replaces an earlier run
@@ -241,6 +321,7 @@ def run(config: dict, rank: int | None = None, world_size: int | None = None, in
     train_cfg, optim_cfg, log_cfg = config["train"], config["optim"], config["log"]
     if resume and overwrite:
         raise ConfigError("--resume continues the run in log.dir and --overwrite replaces it: give one of them")
+    _check_combinations(config, _world(rank, world_size)[1])
     run_dir = Path(log_cfg["dir"])
     resumed, changes, checkpoint_path = None, {}, run_dir / CHECKPOINT
     if resume:
@@ -258,36 +339,45 @@ def run(config: dict, rank: int | None = None, world_size: int | None = None, in
     train_set, val_set = data.datasets(config)
     data.check(config, train_set, world_size)
     train_loader, val_loader, batch_sampler = data.loaders(config, train_set, val_set, rank, world_size, device)
-    try:
-        model = apply_rule(models.build(config, tuple(train_set[0][0].shape)), config).to(device)
-    except ValueError as error:  # pk.convert refusing an option or a combination of them
-        raise ConfigError(f"rule={config['rule']} cannot convert model.name={config['model']['name']!r}: "
-                          f"{error}") from error
+    steps_per_epoch = len(train_loader)
+    optimization.check(optim_cfg, train_cfg["epochs"], steps_per_epoch)
+    model = build_model(config, train_set[0][0])
     if config["model"]["checkpoint"] and resumed is None:
-        _load_starting_weights(model, config["model"]["checkpoint"], device)
-    channels_last = train_cfg["channels_last"]
+        _load_starting_weights(model, config["model"]["checkpoint"])
+    channels_last, fsdp, ema_decay = train_cfg["channels_last"], train_cfg["fsdp"], train_cfg["ema_decay"]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(model, config)
+    # FSDP: rank 0 keeps a whole copy on the CPU for the per-layer metrics (loaded with the gathered state each epoch);
+    # the model shards from the CPU, each unit moving its shards to the device.
+    mirror = copy.deepcopy(model) if fsdp and rank == 0 else None
+    if not fsdp:
+        model = model.to(device)
+    ema = optimization.ema_model(model, ema_decay) if ema_decay is not None else None
+    if fsdp:
+        from . import sharding
+
+        sharding.shard(model, device)
+        if ema is not None:
+            sharding.shard(ema.module, device)
+    optimizer = optimization.optimizer(model, optim_cfg)
     try:
         pk.check_optimizer(optimizer, model)
     except ValueError as error:
         raise ConfigError(f"optim.name={optim_cfg['name']!r} cannot train rule.mode={config['rule']['mode']!r} "
                           f"with rule.parametrization={config['rule']['parametrization']!r}: {error}") from error
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, optim_cfg["lr_milestones"], optim_cfg["lr_gamma"])
-    amp = train_cfg["amp"]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-
-    def autocast():
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype, enabled=amp != "fp32")
+    scheduler = optimization.scheduler(optimizer, optim_cfg, train_cfg["epochs"], steps_per_epoch)
+    per_step_schedule = optim_cfg["schedule"] == "cosine"
+    scaler = torch.amp.GradScaler(device.type, enabled=train_cfg["amp"] == "fp16")
+    autocast = _autocast(train_cfg["amp"], device)
 
     # This epoch's training loss sum, correct predictions and samples on this rank; a resumed run's rank 0 starts
     # from the checkpoint's totals over all ranks, so that the sums over ranks cover the whole epoch.
     epoch, step, skip, totals = 0, 0, 0, [0.0, 0, 0]
+    best = {"epoch": None, "val_top1": -math.inf}  # log.keep_best: the epoch best.pt holds
     if resumed is not None:
-        _restore(resumed, checkpoint_path, model, optimizer, scheduler, scaler, optim_cfg, changes)
+        _restore(resumed, checkpoint_path, model, optimizer, scheduler, scaler, optim_cfg, changes, ema, fsdp)
         epoch, step, skip = resumed["epoch"], resumed["step"], resumed["batch_in_epoch"]
+        best = dict(resumed.get("best", best))
         if rank == 0 and "epoch_totals" in resumed:
             totals = list(resumed["epoch_totals"])
     # Everything is checked: only now does the run folder change.
@@ -296,7 +386,7 @@ def run(config: dict, rank: int | None = None, world_size: int | None = None, in
         if changes:
             print(f"resuming {checkpoint_path} at epoch {epoch}, step {step}, with "
                   + ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()), file=sys.stderr)
-    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 and not fsdp else model
     evaluated = model
     if train_cfg["compile"]:
         trained, evaluated = torch.compile(trained), torch.compile(model)
@@ -306,38 +396,62 @@ def run(config: dict, rank: int | None = None, world_size: int | None = None, in
 
         writer = SummaryWriter(run_dir / "tensorboard")
 
-    def save(batch_in_epoch, epoch_totals):
+    def training_state(batch_in_epoch, epoch_totals, model_state=None):
+        """The checkpoint's content on rank 0 (None elsewhere). Under FSDP every rank must call this: gathering the
+        whole model and optimizer state is a collective."""
+        if fsdp:
+            model_state = sharding.full_model_state(model) if model_state is None else model_state
+            optimizer_state = sharding.full_optimizer_state(model, optimizer)
+            ema_state = sharding.full_model_state(ema.module) if ema is not None else None
+        elif rank == 0:
+            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+            ema_state = ema.module.state_dict() if ema is not None else None
         if rank != 0:
-            return
+            return None
         generators = {name: module.generator_state() for name, module in _feedback_generators(model).items()}
-        checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                         "step": step, "batch_in_epoch": batch_in_epoch, "epoch_totals": epoch_totals,
-                         "rng": _rng_state(), "config": config, "feedback_generators": generators}, checkpoint_path)
+        state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+                 "epoch_totals": epoch_totals, "rng": _rng_state(), "config": config,
+                 "feedback_generators": generators, "best": dict(best)}
+        if ema is not None:
+            state["ema"] = {"module": ema_state, "n_averaged": int(ema.n_averaged)}
+        return state
+
+    def save(batch_in_epoch, epoch_totals, model_state=None, also_best=False):
+        state = training_state(batch_in_epoch, epoch_totals, model_state)
+        if state is not None:
+            if also_best:  # before checkpoint.pt: a resume after a crash in between redoes the epoch and this save
+                checkpoint.save(state, run_dir / checkpoint.BEST)
+            checkpoint.save(state, checkpoint_path)
 
     max_steps, every = train_cfg["max_steps"], log_cfg["checkpoint_every"]
+    label_smoothing = optim_cfg["label_smoothing"]
     metrics = {}
     if max_steps is not None and step >= max_steps:
         return {"step": step, "epoch": epoch}
     while epoch < train_cfg["epochs"]:
         weight_decay = weight_decay_for(epoch, optim_cfg)
-        for group in optimizer.param_groups:
-            group["weight_decay"] = weight_decay
+        optimization.set_weight_decay(optimizer, weight_decay)
         batch_sampler.set_epoch(epoch)
         model.train()
         images_now, start = 0, time.perf_counter()
         bar = tqdm(islice(train_loader, skip, None), total=len(train_loader) - skip, desc=f"epoch {epoch}",
                    disable=not progress or rank != 0, leave=False)
-        batch_in_epoch = skip
+        batch_in_epoch, lr_used = skip, optimizer.param_groups[0]["lr"]
         for images, labels in bar:
             images, labels = _to_device(images, labels, device, channels_last)
             with autocast():
                 logits = trained(images)
-                loss = nn.functional.cross_entropy(logits.float(), labels)
+                loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            lr_used = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
+            if ema is not None:
+                optimization.update_ema(ema, model)
+            if per_step_schedule:
+                scheduler.step()
             step += 1
             batch_in_epoch += 1
             images_now += len(labels) * world_size
@@ -349,36 +463,97 @@ def run(config: dict, rank: int | None = None, world_size: int | None = None, in
             if at_limit or (every is not None and step % every == 0 and batch_in_epoch < len(train_loader)):
                 save(batch_in_epoch, _summed(totals, world_size, device))
             if at_limit:
+                _wait_for_rank_0(world_size)
                 return {"step": step, "epoch": epoch, "loss": loss.item()}
         skip = 0
         elapsed = time.perf_counter() - start
         loss_sum, correct, count = _summed(totals, world_size, device)
         totals = [0.0, 0, 0]
         _broadcast_normalization_state(model, world_size)
+        if ema is not None:
+            _broadcast_normalization_state(ema.module, world_size)
+        full_state = None
         with _training_feedback_kept(model):
             metrics = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, count),
                        "train_top1": 100 * correct / max(1, count), "images_per_s": images_now / elapsed,
-                       "lr": optimizer.param_groups[0]["lr"], "weight_decay": weight_decay,
-                       **evaluate(evaluated, val_loader, device, autocast, channels_last, world_size)}
+                       "lr": lr_used, "weight_decay": weight_decay,
+                       **evaluate(evaluated, val_loader, device, autocast, channels_last, world_size, fsdp)}
+            if ema is not None:
+                averaged = evaluate(ema.module, val_loader, device, autocast, channels_last, world_size, fsdp)
+                metrics.update({f"ema_{key}": value for key, value in averaged.items() if key != "val_samples"})
+            if fsdp:  # every rank: a collective; rank 0 inspects its whole copy on the CPU
+                full_state = sharding.full_model_state(model)
+                if rank == 0:
+                    mirror.load_state_dict(full_state)
             if rank == 0:
-                gradient_angles = input_gradient_alignment(model, val_loader, log_cfg["alignment_batches"], device,
-                                                           channels_last)
-                metrics["layers"] = [{k: row[k] for k in ("layer", "rule", "path_alignment", "norm_ratio")}
-                                     for row in pk.metrics.report(model)]
-                for row in metrics["layers"]:
-                    if row["layer"] in gradient_angles:
-                        row["input_gradient_alignment"] = gradient_angles[row["layer"]]
+                inspected, inspect_device = (mirror, torch.device("cpu")) if fsdp else (model, device)
+                metrics["layers"] = _layer_metrics(inspected, val_loader, log_cfg["alignment_batches"],
+                                                   inspect_device, channels_last)
+        improved = log_cfg["keep_best"] and metrics["val_top1"] > best["val_top1"]
+        if improved:
+            best = {"epoch": epoch, "val_top1": metrics["val_top1"]}
         if rank == 0:
             with (run_dir / rundir.METRICS).open("a") as out:
                 out.write(json.dumps(metrics) + "\n")
             if writer is not None:
                 for key in ("train_loss", "train_top1", "val_top1", "val_top5", "images_per_s", "lr"):
                     writer.add_scalar(key, metrics[key], epoch)
-        scheduler.step()
+            if log_cfg["epoch_summary"]:
+                print(summary_line(metrics, train_cfg["epochs"], time.perf_counter() - start, improved), flush=True)
+        if not per_step_schedule:
+            scheduler.step()
         epoch += 1
-        save(0, [0.0, 0, 0])
+        save(0, [0.0, 0, 0], full_state, also_best=improved)
     if rank == 0 and metrics:
         plots.write(run_dir)
     if writer is not None:
         writer.close()
+    _wait_for_rank_0(world_size)
+    return metrics
+
+
+def _wait_for_rank_0(world_size):
+    # Every rank returns once rank 0 has written the checkpoint and plots: the run folder is complete on return.
+    if world_size > 1:
+        dist.barrier()
+
+
+def evaluate_checkpoint(path, overrides=(), rank: int | None = None, world_size: int | None = None,
+                        init_method: str | None = None) -> dict:
+    """--eval: the model of a training checkpoint (checkpoint.pt, best.pt), and its weight average if it has one,
+    evaluated on the validation set of the checkpoint's config with key=value overrides (data.root, train.device,
+    train.batch_size, ...). Nothing trains. Rank 0 writes the metrics to <checkpoint>.eval.json; returns them."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--eval {path}: no such file")
+    state = checkpoint.load(path)
+    config = config_module.override(state["config"], overrides)
+    rank, world_size = _distributed(rank, world_size, init_method)
+    device = _device(config, rank)
+    torch.manual_seed(config["train"]["seed"])
+    _, val_set = data.datasets(config, train=False)
+    val_loader = data.validation_loader(config, val_set, rank, world_size, device)
+    channels_last, autocast = config["train"]["channels_last"], _autocast(config["train"]["amp"], device)
+    model = build_model(config, val_set[0][0])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ConfigError(f"{path} does not fit the model its config builds: {error}") from error
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    metrics = {"checkpoint": str(path), "step": state["step"], "epochs_completed": state["epoch"],
+               "batch_in_epoch": state["batch_in_epoch"],
+               **evaluate(model, val_loader, device, autocast, channels_last, world_size)}
+    if "ema" in state:
+        averaged = copy.deepcopy(model)
+        averaged.load_state_dict(state["ema"]["module"])
+        metrics.update({f"ema_{key}": value for key, value in
+                        evaluate(averaged, val_loader, device, autocast, channels_last, world_size).items()
+                        if key != "val_samples"})
+    if rank == 0:
+        metrics["layers"] = _layer_metrics(model, val_loader, config["log"]["alignment_batches"], device,
+                                           channels_last)
+        output = path.with_name(path.name.removesuffix(path.suffix) + checkpoint.EVAL_SUFFIX)
+        output.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -17,19 +17,19 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import DEFAULTS, _flatten
+from .plots import FILES as PLOTS
 from .values import ConfigError
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 RESUMES = "resumes.jsonl"
-PLOTS = ("accuracy.png", "alignment.png")
 TENSORBOARD = "tensorboard"
 
 # Keys a resumed run cannot take new values for: they define the model, its feedback, the optimizer's state, the
 # data order and the AMP scaler's state that the checkpoint holds.
 FIXED_ON_RESUME = ("data.dataset", "model.*", "rule.mode", "rule.expand_ratio", "rule.parametrization",
-                   "rule.feedback_density", "rule.exclude", "rule.feedback_seed", "optim.name", "train.seed",
-                   "train.amp")
+                   "rule.feedback_density", "rule.exclude", "rule.feedback_seed", "optim.name", "optim.schedule",
+                   "optim.no_weight_decay_norm_bias", "train.seed", "train.amp", "train.ema_decay", "train.fsdp")
 # Keys that can change only at an epoch boundary: the rest of a started epoch is laid out by them.
 FIXED_WITHIN_EPOCH = ("train.batch_size",)
 
@@ -102,8 +102,10 @@ def prepare(run_dir: Path, config: dict, overwrite: bool, resumed: dict | None, 
 
 
 def _clear(run_dir: Path) -> None:
-    for name in (checkpoint.NAME, METRICS, CONFIG, RESUMES, *PLOTS):
+    for name in (checkpoint.NAME, checkpoint.BEST, METRICS, CONFIG, RESUMES, *PLOTS):
         (run_dir / name).unlink(missing_ok=True)
+    for evaluation in run_dir.glob(f"*{checkpoint.EVAL_SUFFIX}"):
+        evaluation.unlink(missing_ok=True)
     for leftover in run_dir.glob(f"{checkpoint.TEMPORARY_PREFIX}*.tmp"):
         leftover.unlink(missing_ok=True)
     if (run_dir / TENSORBOARD).is_dir():

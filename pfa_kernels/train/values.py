@@ -76,12 +76,12 @@ class Integer(Value):
 
 
 class Real(Value):
-    def __init__(self, minimum=None, maximum=None, open_minimum=False):
-        self.minimum, self.maximum, self.open_minimum = minimum, maximum, open_minimum
+    def __init__(self, minimum=None, maximum=None, open_minimum=False, optional=False):
+        self.minimum, self.maximum, self.open_minimum, self.optional = minimum, maximum, open_minimum, optional
         self._bounds = _bounds_text(minimum, maximum, open_minimum)
 
     def describe(self) -> str:
-        return f"float{self._bounds}"
+        return f"float{self._bounds}{' or null' if self.optional else ''}"
 
     def convert(self, key, value):
         if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
@@ -190,3 +190,39 @@ class Device(Value):
         except (RuntimeError, TypeError):
             raise ConfigError(f"{key} must be auto or a torch device (cpu, cuda, cuda:1); got {value!r}") from None
         return value
+
+
+class ModelName(Value):
+    """One of the built-in models, or torchvision.<name> / timm.<name> (which name exists is checked when the model is
+    built: models.py)."""
+
+    PREFIXES = ("torchvision.", "timm.")
+
+    def __init__(self, *builtins: str):
+        self.builtins = builtins
+
+    def describe(self) -> str:
+        return " | ".join(self.builtins) + " | torchvision.<name> | timm.<name>"
+
+    def convert(self, key, value):
+        if value in self.builtins:
+            return value
+        if isinstance(value, str) and any(value.startswith(p) and value[len(p):].strip() for p in self.PREFIXES):
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(self.builtins)}, torchvision.<name> (a torchvision "
+                          f"classification model, e.g. torchvision.mobilenet_v3_small) or timm.<name> (needs the timm "
+                          f"package); got {value!r}")
+
+
+class Mapping(Value):
+    """A mapping of keyword arguments (YAML: {image_size: 32}); null is an empty one."""
+
+    def describe(self) -> str:
+        return "mapping"
+
+    def convert(self, key, value):
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(name, str) and name.isidentifier() for name in value):
+            raise ConfigError(f"{key} must be a mapping of keyword arguments, e.g. {{image_size: 32}}; got {value!r}")
+        return dict(value)
