@@ -65,14 +65,19 @@ def fixed_state_checksum(B: torch.Tensor, R_mask: torch.Tensor | None) -> str:
     65,536 evenly spaced entries of B rounded to float32 (and of the mask), 16 hex digits. A generator that draws
     differently changes every entry; hashing a sample keeps a ResNet-50's 321 M entries of B out of the load time."""
     digest = hashlib.sha256()
-    for tensor in (B.detach().float(), R_mask):
+    for tensor in (B, R_mask):
         if tensor is None:
             continue
-        flat = tensor.detach().reshape(-1).cpu()
+        flat = tensor.detach().reshape(-1)
         if flat.numel() > _CHECKSUM_SAMPLES:
-            flat = flat[torch.linspace(0, flat.numel() - 1, _CHECKSUM_SAMPLES).long()]
+            # Integer positions: a float32 linspace rounds 41,943,039 (a ResNet-50 layer's last entry) up past the end.
+            count = flat.numel()
+            positions = torch.arange(_CHECKSUM_SAMPLES, device=flat.device) * (count - 1) // (_CHECKSUM_SAMPLES - 1)
+            flat = flat[positions]
+        if flat.is_floating_point():
+            flat = flat.float()
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(flat.contiguous().numpy().tobytes())
+        digest.update(flat.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -339,3 +339,14 @@ def test_checkpoint_of_other_feedback_groups_explains_itself():
            "feedback.B": dense.feedback.B}
     with pytest.raises(RuntimeError, match="need feedback_groups='dense'"):
         grouped.load_state_dict(old)
+
+
+def test_checksum_samples_reach_the_last_entry_of_a_large_B():
+    """A ResNet-50 layer's B has 41,943,040 entries: the sampled positions end at its last entry, not past it."""
+    from pfa_kernels.feedback_state import fixed_state_checksum
+
+    B = torch.zeros(2048, 20480)
+    before = fixed_state_checksum(B, None)
+    B[-1, -1] = 1.0
+    assert fixed_state_checksum(B, None) != before
+    assert fixed_state_checksum(B.double(), None) == fixed_state_checksum(B, None)
