@@ -379,6 +379,8 @@ class ProjectedFeedback(PFAFeedback):
     def reset_parameters(self) -> None:
         """Draw masks, B and R_0 from the layer's seed (the same values every time); Z_0 = M^+ B R_0."""
         B, R = self._reset_fixed_state()
+        if self.B.dtype in (torch.float32, torch.float64) and self.B.device.type == "cpu":
+            B = self.B  # already rounded to the precision the projection works in: no second copy of B
         Z_by_group, M, self.condition_number = projection.initial_projection(self.B_by_group(B), self.R_by_group(R),
                                                                              self.Z.dtype)
         self.Z.copy_(self.from_columns(Z_by_group))

@@ -76,7 +76,11 @@ def _solve_by_cholesky(B_by_group, R_by_group):
         return None
     products = B_by_group @ B_by_group.transpose(1, 2)
     M = products.double()
-    eigenvalues = torch.linalg.eigvalsh(M)  # ascending; cond(B_j) = sqrt(cond(M_j)) (rows^3, not rows^2 C_mid)
+    # Ascending; cond(B_j) = sqrt(cond(M_j)) (rows^3, not rows^2 C_mid). In the products' precision: float32 takes
+    # 0.27 s for a 2048-row M where float64 takes 1.2 s, and its error in cond(B_j), about 6e-8 cond(B_j)^2, is 6% at
+    # CHOLESKY_MAX_CONDITION, where the threshold is a choice of route, not a bound the result depends on (the
+    # Cholesky factorization below is float64 and fails on an M that is not positive definite).
+    eigenvalues = torch.linalg.eigvalsh(products).double()
     if not bool((eigenvalues[:, 0] > 0).all()):
         return None
     condition = (eigenvalues[:, -1] / eigenvalues[:, 0]).sqrt().max().item()

@@ -172,7 +172,8 @@ def test_ill_conditioned_projection_warns():
         wide = make_feedback(64, 64, expand_ratio=10, parametrization="projected", seed=0)
         orthogonal = make_feedback(64, 64, expand_ratio=1, feedback_init="orthogonal", parametrization="projected",
                                  seed=0)
-    assert wide.condition_number < 2.5 and orthogonal.condition_number == pytest.approx(1.0)
+    # A float32 layer's condition number comes from float32 eigenvalues of M: 1 to about 1e-6.
+    assert wide.condition_number < 2.5 and orthogonal.condition_number == pytest.approx(1.0, rel=1e-5)
 
 
 def _converted_cnn(mode="pfa", **kwargs):
