@@ -25,11 +25,13 @@ NO_DECAY = "no_weight_decay"
 
 
 def no_decay_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of normalization layers and every parameter named bias, in model.parameters() order."""
+    """The parameters of normalization layers and every bias (a parameter named bias or <something>_bias, as
+    nn.MultiheadAttention's in_proj_bias), in model.parameters() order. A PFA layer's feedback parameter (R or Z) is
+    decayed with the weights (weight decay is what aligns B R with W)."""
     chosen = set()
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
-            if isinstance(module, NORM_LAYERS) or name == "bias":
+            if isinstance(module, NORM_LAYERS) or name == "bias" or name.endswith("_bias"):
                 chosen.add(id(parameter))
     return [p for p in model.parameters() if id(p) in chosen]
 
