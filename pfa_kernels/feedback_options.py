@@ -13,17 +13,15 @@ FEEDBACK_GROUPS = ("grouped", "dense")
 
 
 def mid_channels_for(out_channels: int, expand_ratio, groups: int = 1) -> int:
-    """C_mid = round(expand_ratio * C_out) (half up), at least 1; checked to be divisible by groups."""
+    """C_mid = round(expand_ratio * C_out) (half up), at least 1; with groups > 1, the nearest multiple of groups,
+    at least groups (each group's population of the mid layer has round(r * C_out / G) >= 1 channels). Wherever
+    round(r * C_out) is a multiple of groups the two agree; elsewhere (a depthwise layer at r = 0.25) the layer could
+    not be built otherwise."""
     if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, numbers.Real):
         raise TypeError(f"expand_ratio must be a number; got {expand_ratio!r}")
     if not math.isfinite(expand_ratio) or expand_ratio <= 0:
         raise ValueError(f"expand_ratio must be a finite number > 0; got {expand_ratio!r}")
-    mid_channels = max(1, math.floor(expand_ratio * out_channels + 0.5))
-    if mid_channels % groups:
-        raise ValueError(
-            f"expand_ratio={expand_ratio} gives C_mid = {mid_channels} feedback channels for C_out = {out_channels}, "
-            f"which groups={groups} does not divide; choose an expand_ratio that makes C_mid a multiple of groups")
-    return mid_channels
+    return groups * max(1, math.floor(expand_ratio * out_channels / groups + 0.5))
 
 
 def feedback_densities(feedback_density) -> tuple[float, float]:

@@ -98,6 +98,19 @@ def test_mid_channels_rounding(expand_ratio, out_channels, expected):
     assert mid_channels_for(out_channels, expand_ratio) == max(1, math.floor(expand_ratio * out_channels + 0.5))
 
 
+@pytest.mark.parametrize("expand_ratio, out_channels, groups, expected",
+                         [(10, 32, 32, 320), (0.25, 16, 16, 16), (1.3, 4, 2, 6), (0.5, 6, 3, 3), (0.7, 12, 4, 8)])
+def test_mid_channels_with_groups_is_the_nearest_multiple(expand_ratio, out_channels, groups, expected):
+    """Wherever round(r * C_out) is a multiple of groups it is C_mid; elsewhere the nearest multiple, at least one
+    channel per group (a depthwise layer at r = 0.25 gets one), and the layer builds."""
+    mid_channels = mid_channels_for(out_channels, expand_ratio, groups)
+    assert mid_channels == expected and mid_channels % groups == 0
+    plain = max(1, math.floor(expand_ratio * out_channels + 0.5))
+    assert plain % groups or mid_channels == plain
+    layer = pk.PFAConv2d(out_channels, out_channels, 3, groups=groups, expand_ratio=expand_ratio)
+    assert layer.feedback.mid_channels == expected
+
+
 def test_bad_seed_raises():
     with pytest.raises(TypeError, match="feedback_seed"):
         make_feedback(4, 4, (), seed="abc")
