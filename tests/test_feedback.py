@@ -231,15 +231,17 @@ def test_a_backpropagation_checkpoint_loads_into_every_converted_model(mode):
     model.load_state_dict(bp.state_dict())
 
 
-@pytest.mark.parametrize("out_channels, mid_per_group, groups", [(8, 80, 1), (6, 12, 2), (5, 5, 1), (7, 3, 1)])
+@pytest.mark.parametrize("out_channels, mid_per_group, groups",
+                         [(8, 80, 1), (6, 12, 2), (5, 5, 1), (7, 3, 1), (12, 2, 3), (9, 9, 1)])
 def test_cholesky_projection_equals_the_pseudoinverse(out_channels, mid_per_group, groups):
-    """Z_0 = M_j^{-1} B_j R_j (Cholesky; r >= 1 with a well-conditioned B_j) is pinv(B_j^T) R_j (SVD) to 1e-12, and
-    M·Z = B·R; r < 1 (7 -> 3) and an ill-conditioned square B (5 -> 5, cond ~ 1e3+) take the SVD."""
+    """pinv(B_j^T) R_j by Cholesky (M_j^{-1} B_j R_j for r >= 1, B_j (B_j^T B_j)^{-1} R_j for r < 1: 7 -> 3, 12 -> 6
+    in 3 groups) is the SVD's to 1e-12, M·Z = B·R, and for r < 1 B^T Z = R; an ill-conditioned square B (5 -> 5,
+    cond ~ 1e4) takes the SVD."""
     from pfa_kernels import projection as feedback
 
     generator = torch.Generator().manual_seed(out_channels)
     B = torch.randn(out_channels, mid_per_group * groups, generator=generator, dtype=torch.float64)
-    if mid_per_group == out_channels:  # square: make it ill-conditioned on purpose
+    if out_channels == 5:  # square: make it ill-conditioned on purpose
         U, _, Vh = torch.linalg.svd(B)
         B = U @ torch.diag(torch.logspace(0, -4, out_channels, dtype=torch.float64)) @ Vh
     R = torch.randn(mid_per_group * groups, 4, 3, generator=generator, dtype=torch.float64)
@@ -247,14 +249,16 @@ def test_cholesky_projection_equals_the_pseudoinverse(out_channels, mid_per_grou
     R_by_group = R.reshape(groups, mid_per_group, -1)
     by_svd, condition = feedback._solve_by_svd(B_by_group, R_by_group)
     by_cholesky = feedback._solve_by_cholesky(B_by_group, R_by_group)
-    if mid_per_group < out_channels or condition > feedback.CHOLESKY_MAX_CONDITION:
-        assert by_cholesky is None
+    if condition > feedback.CHOLESKY_MAX_CONDITION:
+        assert out_channels == 5 and by_cholesky is None
         return
-    Z, cholesky_condition, _ = by_cholesky
+    Z, cholesky_condition, M = by_cholesky
     assert cholesky_condition == pytest.approx(condition, rel=1e-9)
     torch.testing.assert_close(Z, by_svd, rtol=1e-12, atol=1e-12)
-    M = B_by_group @ B_by_group.transpose(1, 2)
+    torch.testing.assert_close(M, B_by_group @ B_by_group.transpose(1, 2), rtol=0, atol=0)
     torch.testing.assert_close(M @ Z, B_by_group @ R_by_group, rtol=1e-12, atol=1e-12)
+    if mid_per_group < out_channels:
+        torch.testing.assert_close(B_by_group.transpose(1, 2) @ Z, R_by_group, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
