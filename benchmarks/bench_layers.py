@@ -16,12 +16,14 @@ in --output-dir.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
+from torchvision.models import swin_transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cost_model  # noqa: E402
@@ -33,17 +35,46 @@ DEFAULT_IMPLS = "bp,reference,explicit-auto,explicit-product,explicit-sequence,p
                 "projected-sequence"
 
 
+def _linear_spec(in_features, out_features, bias, tokens) -> cost_model.LayerSpec:
+    return cost_model.LayerSpec("linear", in_features, out_features, bias=bias, input_shape=(*tokens, in_features),
+                                output_shape=(*tokens, out_features))
+
+
+def _attention_specs(module, args) -> list[tuple[str, cost_model.LayerSpec]]:
+    """The projections an attention module applies through their weights (pk.convert makes them PFA layers):
+    nn.MultiheadAttention's packed in_proj and out_proj (self-attention), torchvision's Swin qkv and proj over the
+    windows (the feature map padded to a multiple of the window)."""
+    if isinstance(module, nn.MultiheadAttention):
+        query = args[0]
+        tokens = (query.shape[1] if module.batch_first else query.shape[0],)
+        return [("in_proj", _linear_spec(module.embed_dim, 3 * module.embed_dim, module.in_proj_bias is not None,
+                                         tokens)),
+                ("out_proj", _linear_spec(module.embed_dim, module.embed_dim, module.out_proj.bias is not None,
+                                          tokens))]
+    _, height, width, channels = args[0].shape
+    window = module.window_size
+    tokens = (math.ceil(height / window[0]) * window[0] * math.ceil(width / window[1]) * window[1],)
+    return [("qkv", _linear_spec(channels, 3 * channels, module.qkv.bias is not None, tokens)),
+            ("proj", _linear_spec(channels, channels, module.proj.bias is not None, tokens))]
+
+
 def distinct_layer_specs(model_name: str, size: int) -> list[cost_model.LayerSpec]:
-    """Every distinct Conv2d/Linear shape the model runs (on the meta device: no compute), in order."""
+    """Every distinct Conv2d/Linear shape the model runs (on the meta device: no compute), in order, with the
+    projections attention applies through their weights (converted to PFA layers like any other)."""
     # ViT's position embedding fixes its image size: build it for `size` (a multiple of 16).
     kwargs = {"image_size": size} if model_name.startswith("vit") else {}
     with torch.device("meta"):
         model = getattr(torchvision.models, model_name)(**kwargs).eval()  # eval: BatchNorm takes a batch of 1
     seen: dict[cost_model.LayerSpec, list[str]] = {}
+    attention = (nn.MultiheadAttention, swin_transformer.ShiftedWindowAttention)  # V2 derives from the first
 
     def hook(name):
         def record(module, args, output):
             x = args[0]
+            if isinstance(module, attention):
+                for child, spec in _attention_specs(module, args):
+                    seen.setdefault(spec, []).append(f"{model_name}.{name}.{child}")
+                return
             if isinstance(module, nn.Conv2d):
                 spec = cost_model.LayerSpec("conv2d", module.in_channels, module.out_channels, module.kernel_size,
                                             module.stride, module.padding, module.groups, module.bias is not None,
@@ -56,7 +87,8 @@ def distinct_layer_specs(model_name: str, size: int) -> list[cost_model.LayerSpe
         return record
 
     for name, module in model.named_modules():
-        if type(module) in (nn.Conv2d, nn.Linear):  # MultiheadAttention's out_proj is never called
+        # Called layers; attention records its own projections (nn's never calls out_proj, Swin neither qkv nor proj).
+        if type(module) in (nn.Conv2d, nn.Linear) or isinstance(module, attention):
             module.register_forward_hook(hook(name))
     with torch.no_grad():
         model(torch.empty(1, 3, size, size, device="meta"))
