@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torchvision.models import swin_transformer, vision_transformer
 
@@ -246,11 +245,3 @@ def test_unconvert_gives_torchvisions_classes_back(name):
         assert torch.equal(model(*example), expected)
     plain = build()
     plain.load_state_dict(model.state_dict(), strict=True)
-
-
-def test_swin_t_and_vit_b_16_have_no_bp_linear_left():
-    for build in (torchvision.models.swin_t, torchvision.models.vit_b_16):
-        model, report = pk.convert(build(num_classes=10), expand_ratio=0.25, return_report=True)
-        assert all(record.converted for record in report)
-        assert not [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-                    and not isinstance(m, pk.nn.PFA_LAYERS)]

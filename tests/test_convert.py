@@ -64,8 +64,8 @@ def test_exclude_seed_and_kwargs():
 def test_single_layer_and_errors_leave_the_model_untouched():
     assert isinstance(pk.convert(nn.Linear(3, 2)), pk.PFALinear)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 3, groups=2))
-    with pytest.raises(ValueError, match="groups"):
-        pk.convert(model, expand_ratio=0.75)  # C_mid = 3 for the grouped conv: not divisible by 2
+    with pytest.raises(ValueError, match="sequence"):
+        pk.convert(model, strategy="sequence")  # not an order of the grouped conv's (grouped) feedback
     assert type(model[0]) is nn.Conv2d and type(model[1]) is nn.Conv2d
     with pytest.raises(ValueError, match="mode"):
         pk.convert(model, mode="bp")

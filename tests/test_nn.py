@@ -257,7 +257,7 @@ def test_backward_plan_reports_choice():
     (dict(backend="cuda"), "backend"),
     (dict(parametrization="implicit"), "parametrization"),
     (dict(feedback_init="identity", expand_ratio=2), "expand_ratio"),
-    (dict(groups=2, expand_ratio=1.25), "groups"),
+    (dict(groups=2, strategy="sequence"), "sequence"),
 ])
 def test_bad_options_raise_naming_the_argument(kwargs, match):
     groups = kwargs.pop("groups", 1)
