@@ -55,13 +55,16 @@ def _sizes(spec: LayerSpec, batch: int, expand_ratio: float):
     positions_in = batch * math.prod(spec.input_shape[:-1] if spec.kind == "linear" else spec.input_shape[1:])
     positions = batch * math.prod(spec.output_shape[:-1] if spec.kind == "linear" else spec.output_shape[1:])
     kernel = math.prod(spec.kernel_size) if spec.kind != "linear" else 1
-    mid = max(1, math.floor(expand_ratio * spec.out_channels + 0.5))
+    groups = spec.groups
+    mid = groups * max(1, math.floor(expand_ratio * spec.out_channels / groups + 0.5))  # feedback.mid_channels_for
     return positions_in, positions, kernel, mid
 
 
-def kernels(spec: LayerSpec, batch: int, impl: str, expand_ratio: float) -> list[tuple[str, int, int]]:
+def kernels(spec: LayerSpec, batch: int, impl: str, expand_ratio: float,
+            feedback_groups: str = "grouped") -> list[tuple[str, int, int]]:
     """(kernel name, MACs, elements read + written) of forward + backward for impl: "bp", "reference",
-    or "<explicit|projected>-<auto|product|sequence>[-backend]"."""
+    or "<explicit|projected>-<auto|product|sequence>[-backend]"; feedback_groups as the layers take it (a grouped
+    layer's default, "grouped", keeps B block-diagonal: docs/design.md §2.5)."""
     P_in, P, kernel, C_mid = _sizes(spec, batch, expand_ratio)
     C_in, C_out, G = spec.in_channels, spec.out_channels, spec.groups
     K = C_in // G * kernel            # inputs per output
@@ -77,6 +80,18 @@ def kernels(spec: LayerSpec, batch: int, impl: str, expand_ratio: float) -> list
                        ("dgrad through R", P * C_mid * K, mid + R + x), ("dR", P * C_mid * K, x + mid + R),
                        ("wgrad", P * C_out * K, x + y + W)]
     parametrization, strategy = (impl.split("-") + ["auto"])[:2]
+    if G > 1 and feedback_groups == "grouped":
+        # W_fb has W's shape: BP's GEMMs with W_fb in dL/dx, plus the per-group feedback products (one order).
+        rows, B_grouped = C_out // G, C_out * (C_mid // G)
+        work.append(("wgrad", P * C_out * K, x + y + W))
+        if parametrization == "explicit":
+            work += [("W_fb_j = B_j R_j", C_out * (C_mid // G) * K, B_grouped + R + W),
+                     ("dR_j = B_j^T dW_j", C_out * (C_mid // G) * K, B_grouped + W + R)]
+        elif rows <= 2 * (C_mid // G):  # M_j kept (feedback.keeps_projection_matrix)
+            work.append(("W_fb_j = M_j Z_j", C_out * rows * K, G * rows * rows + 2 * W))
+        else:
+            work.append(("W_fb_j = B_j (B_j^T Z_j)", 2 * C_out * (C_mid // G) * K, B_grouped + 2 * W))
+        return work + [("dgrad W_fb", P * C_out * K, y + W + x)]
     width = C_out if G * C_out <= 2 * C_mid else 2 * (C_mid // G)
     shape = planner.LayerShape(P, C_out, C_mid, K, G, parametrization, width if parametrization == "projected" else 0)
     plan = planner.choose_orders(shape, strategy, True, True, True)
@@ -106,9 +121,9 @@ def kernels(spec: LayerSpec, batch: int, impl: str, expand_ratio: float) -> list
     return work
 
 
-def costs(spec: LayerSpec, batch: int, impl: str, expand_ratio: float) -> dict:
+def costs(spec: LayerSpec, batch: int, impl: str, expand_ratio: float, feedback_groups: str = "grouped") -> dict:
     """Totals: MACs, bytes (at H100_BYTES_PER_ELEMENT) and the H100 roofline time in ms."""
-    work = kernels(spec, batch, impl, expand_ratio)
+    work = kernels(spec, batch, impl, expand_ratio, feedback_groups)
     macs = sum(m for _, m, _ in work)
     elements = sum(e for _, _, e in work)
     seconds = sum(max(2 * m / H100_BF16_FLOPS, e * H100_BYTES_PER_ELEMENT / H100_HBM_BYTES_PER_S)

@@ -71,7 +71,7 @@ def test_cost_model_backward_macs_equal_the_planners(strategy, parametrization):
              cost_model.LayerSpec("linear", 512, 1000, input_shape=(512,), output_shape=(1000,))]
     for spec in specs:
         for expand_ratio in (0.5, 1, 10):
-            work = cost_model.kernels(spec, 16, f"{parametrization}-{strategy}", expand_ratio)
+            work = cost_model.kernels(spec, 16, f"{parametrization}-{strategy}", expand_ratio, "dense")
             _, P, kernel, C_mid = cost_model._sizes(spec, 16, expand_ratio)
             K = spec.in_channels // spec.groups * kernel
             width = spec.out_channels if spec.groups * spec.out_channels <= 2 * C_mid else 2 * (C_mid // spec.groups)
@@ -82,6 +82,24 @@ def test_cost_model_backward_macs_equal_the_planners(strategy, parametrization):
                 (plan.input_order, plan.feedback_grad_order)], (spec.label, expand_ratio)
     bp = cost_model.costs(specs[0], 16, "bp", 10)
     assert bp["macs"] == 3 * 16 * 28 * 28 * 128 * 64 * 9 and bp["h100_ms"] > 0
+
+
+@pytest.mark.parametrize("parametrization", ["explicit", "projected"])
+@pytest.mark.parametrize("expand_ratio", [0.25, 1, 10])
+def test_cost_model_of_grouped_feedback_counts_the_layers_own_products(parametrization, expand_ratio):
+    """Grouped feedback (a grouped layer's default): BP's three GEMMs plus, per group, B_j R_j and B_j^T dW_j
+    (explicit) or M_j Z_j (projected), counted from the shapes a PFAConv2d actually holds."""
+    import pfa_kernels as pk
+
+    spec = cost_model.LayerSpec("conv2d", 32, 32, (3, 3), (1, 1), (1, 1), 8, True, (32, 14, 14), (32, 14, 14))
+    layer = pk.PFAConv2d(32, 32, 3, padding=1, groups=8, expand_ratio=expand_ratio, parametrization=parametrization)
+    K = 32 // 8 * 9
+    work = cost_model.kernels(spec, 16, f"{parametrization}-auto", expand_ratio)
+    bp = 16 * 14 * 14 * 32 * K
+    kept = parametrization == "projected" and layer.feedback.M is not None
+    feedback = layer.feedback.M.numel() * K if kept else 2 * layer.feedback.B.numel() * K  # B_j (B_j^T Z_j) without M
+    assert sum(m for _, m, _ in work) == 3 * bp + feedback
+    assert cost_model._sizes(spec, 16, expand_ratio)[3] == layer.feedback.mid_channels
 
 
 def test_bench_triton_resource_table(tmp_path):
