@@ -144,11 +144,12 @@ def main(argv=None):
     for model_name in args.models.split(","):
         for expand_ratio in (float(r) for r in args.expand_ratios.split(",")):
             print(f"{model_name}, r = {expand_ratio:g}: timing bp, {', '.join(impls)}", file=sys.stderr)
-            records += [{**record, **env} for record in bench(model_name, expand_ratio, impls, args, device)]
-            # Written after every model: a later one that runs out of memory (ViT-B/16 explicit at r = 10 needs
-            # more than 24 GB beside its BP and projected twins) loses nothing measured before it.
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-            harness.write_jsonl(records, args.output_dir / "model.jsonl")
+            measured = [{**record, **env} for record in bench(model_name, expand_ratio, impls, args, device)]
+            records += measured
+            # Written after every model (model.jsonl is appended to): a later one that runs out of memory
+            # (ViT-B/16 explicit at r = 10 needs more than 24 GB beside its BP and projected twins) loses nothing
+            # measured before it.
+            harness.write_jsonl(measured, args.output_dir / "model.jsonl")
             write_report(records, args.output_dir, env)
     print((args.output_dir / "model.md").read_text())
 
