@@ -323,3 +323,15 @@ def test_fsdp_two_processes_equal_one(tmp_path):
     assert [row["layer"] for row in rows] == [row["layer"] for row in single_metrics["layers"]]
     for row, expected in zip(rows, single_metrics["layers"], strict=True):
         assert row["path_alignment"] == pytest.approx(expected["path_alignment"], rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer, density, expected", [
+    ("sgd", "1.0", "projected"),
+    ("sgd", "[1.0, 0.5]", "explicit"),  # a masked R: the layers' auto keeps it explicit instead of raising
+    ("adam", "1.0", "explicit"),
+])
+def test_rule_parametrization_auto_follows_the_optimizer_and_the_mask(tmp_path, optimizer, density, expected):
+    config = _config(tmp_path, f"optim.name={optimizer}", f"rule.feedback_density={density}")
+    model = loop.apply_rule(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), config)
+    layers = [m for m in model.modules() if isinstance(m, pk.nn.PFA_LAYERS)]
+    assert len(layers) == 2 and {layer.parametrization for layer in layers} == {expected}

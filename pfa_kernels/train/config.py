@@ -72,7 +72,8 @@ DEFAULTS = {
     "rule.mode": ("pfa", Choice(*MODES), "pk.convert's modes; bp = no conversion"),
     "rule.expand_ratio": (10, Real(0, open_minimum=True), "PFA: C_mid / C_out (pfa-o and kp use 1)"),
     "rule.parametrization": ("auto", Choice("auto", "explicit", "projected"),
-                             "auto = projected with SGD (and dense masks), else explicit"),
+                             "auto = with SGD, the layers' auto (projected wherever exact: no masked R, a "
+                             "well-conditioned B); with Adam-like optimizers, explicit"),
     "rule.feedback_density": (1.0, Density(), "PFA: density of the fixed sparse masks on B and R"),
     "rule.exclude": ([], Many(Text(), "strings"), "glob patterns of layer names to keep as backpropagation "
                                                   "(one pattern, or a YAML list: [fc, 'layer4.*'])"),

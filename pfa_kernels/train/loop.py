@@ -75,7 +75,8 @@ def _device(config, rank):
 
 
 def apply_rule(model: nn.Module, config: dict) -> nn.Module:
-    """pk.convert with the config's rule (bp: unchanged). parametrization auto = projected under SGD."""
+    """pk.convert with the config's rule (bp: unchanged). parametrization auto: the layers' "auto" under SGD
+    (projected wherever exact: no masked R, a well-conditioned B), explicit under Adam-like optimizers."""
     rule = config["rule"]
     mode = rule["mode"]
     if mode == "bp":
@@ -85,9 +86,8 @@ def apply_rule(model: nn.Module, config: dict) -> nn.Module:
     kwargs = {"exclude": tuple(rule["exclude"]), "backend": rule["backend"], "feedback_seed": rule["feedback_seed"]}
     if mode in ("pfa", "pfa-o", "kp"):
         parametrization = rule["parametrization"]
-        if parametrization == "auto":
-            dense_masks = rule["feedback_density"] == 1 or isinstance(rule["feedback_density"], (list, tuple))
-            parametrization = "projected" if config["optim"]["name"] == "sgd" and dense_masks else "explicit"
+        if parametrization == "auto" and config["optim"]["name"] != "sgd":
+            parametrization = "explicit"  # Adam on a projected Z is another learning rule (the optimizer hook raises)
         kwargs.update(parametrization=parametrization, feedback_density=rule["feedback_density"])
         if mode == "pfa":
             kwargs["expand_ratio"] = rule["expand_ratio"]
