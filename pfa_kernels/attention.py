@@ -25,6 +25,10 @@ from torch.nn.utils import parametrize
 
 from .nn import PFALinear
 
+# PFALinear's keyword arguments that every projection takes (feedback_seed is counted up per projection).
+_PFA_LAYER_KWARGS = ("expand_ratio", "feedback_init", "feedback_density", "parametrization", "strategy", "backend",
+                     "rule", "feedback_groups")
+
 # This module's own state-dict names -> nn.MultiheadAttention's (one table for saving and loading).
 _PACKED_KEYS = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias"}
 _SEPARATE_KEYS = {"q_proj.weight": "q_proj_weight", "k_proj.weight": "k_proj_weight",
@@ -106,6 +110,10 @@ class PFAMultiheadAttention(nn.MultiheadAttention):
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *, feedback_seed=None,
                  **layer_kwargs):
+        unknown = sorted(set(layer_kwargs) - set(_PFA_LAYER_KWARGS))
+        if unknown:
+            raise TypeError(f"PFAMultiheadAttention got unexpected keyword arguments {unknown}: it takes "
+                            f"nn.MultiheadAttention's arguments, feedback_seed and PFALinear's {_PFA_LAYER_KWARGS}")
         nn.Module.__init__(self)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kdim", kdim), ("vdim", vdim)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -252,7 +260,7 @@ class PFAMultiheadAttention(nn.MultiheadAttention):
         for name, tensor, features in (("query", query, self.embed_dim), ("key", key, self.kdim),
                                        ("value", value, self.vdim)):
             if tensor.dim() != query.dim() or tensor.shape[-1] != features:
-                raise ValueError(f"{name} must be {query.dim()}-D like query with {features} features (last dim); "
+                raise ValueError(f"{name} must be {query.dim()}-D (as query is) with {features} features (last dim); "
                                  f"got shape {tuple(tensor.shape)}")
         sequence = 1 if batched and self.batch_first else 0  # the dim of L and S
         batch = 1 - sequence
@@ -354,13 +362,13 @@ class PFAMultiheadAttention(nn.MultiheadAttention):
         else:
             if attn_mask is not None:  # (1, L, S) -> (1, 1, L, S); (N * heads, L, S) -> (N, heads, L, S)
                 attn_mask = (attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 and attn_mask.dim() == 3
-                             else attn_mask.view(bsz, heads, -1, src_len))
+                             else attn_mask.view(bsz, heads, attn_mask.shape[-2], src_len))
             q = q.view(bsz, heads, tgt_len, head_dim)
             k = k.view(bsz, heads, src_len, head_dim)
             v = v.view(bsz, heads, src_len, head_dim)
             output = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
             output = output.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-        output = self.out_proj(output).view(tgt_len, bsz, -1)
+        output = self.out_proj(output).view(tgt_len, bsz, embed_dim)  # no -1: L or N may be 0
         if not batched:
             output = output.squeeze(1)
             weights = None if weights is None else weights.squeeze(0)

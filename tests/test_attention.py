@@ -3,6 +3,8 @@ nn's modules, every projection a PFA layer that runs and learns, and input gradi
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -245,3 +247,58 @@ def test_unconvert_gives_torchvisions_classes_back(name):
         assert torch.equal(model(*example), expected)
     plain = build()
     plain.load_state_dict(model.state_dict(), strict=True)
+
+
+def _pair64(**config):
+    plain = nn.MultiheadAttention(EMBED, HEADS, dtype=torch.float64, **config)
+    pfa = pk.PFAMultiheadAttention(EMBED, HEADS, dtype=torch.float64, **config, expand_ratio=2)
+    pfa.load_state_dict(plain.state_dict(), strict=False)
+    return plain, pfa
+
+
+@pytest.mark.parametrize("case", ["key_is_value", "bias_kv_without_bias", "causal_with_weights", "zero_target",
+                                  "zero_batch", "training_dropout"])
+def test_more_arguments_equal_nn_in_float64(case):
+    """Argument combinations beyond the float32 grid, in float64 (1e-12): every projection's feedback learns."""
+    torch.manual_seed(6)
+    config = {"bias_kv_without_bias": dict(bias=False, add_bias_kv=True),
+              "training_dropout": dict(dropout=0.3)}.get(case, {})
+    plain, pfa = _pair64(**config)
+    length, batch = {"zero_target": (0, N), "zero_batch": (L, 0)}.get(case, (L, N))
+    query = torch.randn(length, batch, EMBED, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(S, batch, EMBED, dtype=torch.float64)
+    kwargs = {}
+    if case == "causal_with_weights":
+        memory = torch.randn(L, batch, EMBED, dtype=torch.float64)
+        kwargs = dict(attn_mask=torch.ones(L, L, dtype=torch.bool).triu(1), is_causal=True, need_weights=True)
+    results = []
+    for module in (plain, pfa):
+        torch.manual_seed(7)  # the same dropout draws, in the same order
+        results.append(module(query, memory, memory, **kwargs))
+    (expected, expected_weights), (output, weights) = results
+    assert output.shape == expected.shape
+    torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
+    if expected_weights is not None:
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+    output.square().sum().backward()
+    if output.numel():
+        assert all(layer.feedback.parameter.grad is not None for layer in pfa.pfa_layers())
+
+
+def test_deepcopy_and_pickle_keep_the_feedback():
+    import io
+
+    _, pfa = _pair64(batch_first=True)
+    query = torch.randn(N, L, EMBED, dtype=torch.float64, requires_grad=True)
+    buffer = io.BytesIO()
+    torch.save(pfa, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(pfa), torch.load(buffer, weights_only=False)):
+        assert torch.equal(other(query, query, query)[0], pfa(query, query, query)[0])
+        assert torch.equal(other.in_proj.feedback.parameter, pfa.in_proj.feedback.parameter)
+        assert other.in_proj.feedback.parameter.data_ptr() != pfa.in_proj.feedback.parameter.data_ptr()
+
+
+def test_an_unknown_keyword_names_this_class():
+    with pytest.raises(TypeError, match=r"PFAMultiheadAttention got unexpected keyword arguments \['batchfirst'\]"):
+        pk.PFAMultiheadAttention(EMBED, HEADS, batchfirst=True)
