@@ -199,3 +199,19 @@ def build(case, dtype=torch.float64, **feedback):
     feedback = {"expand_ratio": expand_ratio, **feedback}
     layer = pfa_class(**kwargs, dtype=dtype, **feedback)
     return layer, nn_class, kwargs, torch.randn(input_shape, dtype=dtype)
+
+
+def train_digits_rank(rank, world_size, init_file, run_dir, overrides):
+    """One process of a distributed training run on digits (torch.multiprocessing.spawn's target): the metrics go to
+    <run_dir>/metrics_rank<rank>.pt."""
+    from pfa_kernels.train import config as train_config
+    from pfa_kernels.train import loop
+
+    config = train_config.load("digits", [f"log.dir={run_dir}", *overrides])
+    try:
+        metrics = loop.run(config, rank=rank, world_size=world_size, init_method=f"file://{init_file}",
+                           progress=False)
+        torch.save(metrics, f"{run_dir}/metrics_rank{rank}.pt")
+        torch.distributed.barrier()  # teardown together (as in test_parametrize's DDP worker)
+    finally:
+        torch.distributed.destroy_process_group()

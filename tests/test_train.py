@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import train_digits_rank
 
 from pfa_kernels.train import config as train_config
 from pfa_kernels.train import loop, models
@@ -74,22 +75,11 @@ def test_resume_continues_exactly(tmp_path, mode):
     assert a["batch_in_epoch"] == b["batch_in_epoch"] == 4
 
 
-def _ddp_worker(rank, world_size, init_file, run_dir, overrides):
-    config = train_config.load("digits", [f"log.dir={run_dir}", *overrides])
-    try:
-        metrics = loop.run(config, rank=rank, world_size=world_size, init_method=f"file://{init_file}",
-                           progress=False)
-        torch.save(metrics, f"{run_dir}/metrics_rank{rank}.pt")
-        torch.distributed.barrier()  # teardown together (as in test_parametrize's DDP worker)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_ddp_two_processes_equal_one(tmp_path):
     """2-process gloo DDP, one epoch of 3 steps, global batch 448 (224 per rank) == 1 process with batch 448: the
     weights, and the metrics of the epoch (each rank validates its half of the 450 digits; the counts are summed)."""
     overrides = ["train.batch_size=448", "train.epochs=1", "rule.mode=pfa", "rule.backend=torch"]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), overrides),
+    torch.multiprocessing.spawn(train_digits_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "ddp"), overrides),
                                 nprocs=2)
     single_metrics = loop.run(train_config.load("digits", [f"log.dir={tmp_path / 'single'}", *overrides]),
                               progress=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_digits_rank
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -286,23 +287,12 @@ def test_fsdp_needs_two_processes(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _fsdp_worker(rank, world_size, init_file, run_dir, overrides):
-    config = train_config.load("digits", [f"log.dir={run_dir}", *overrides])
-    try:
-        metrics = loop.run(config, rank=rank, world_size=world_size, init_method=f"file://{init_file}",
-                           progress=False)
-        torch.save(metrics, f"{run_dir}/metrics_rank{rank}.pt")
-        torch.distributed.barrier()
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_fsdp_two_processes_equal_one(tmp_path):
     """train.fsdp=true with 2 gloo processes, one epoch of 3 steps of 448 (224 per rank) == 1 process with batch 448:
     the gathered weights in the checkpoint, the epoch's metrics, and rank 0's per-layer path alignment (from its
     whole copy of the model)."""
     overrides = ["train.batch_size=448", "train.epochs=1", "rule.mode=pfa", "rule.backend=torch"]
-    torch.multiprocessing.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "fsdp"),
+    torch.multiprocessing.spawn(train_digits_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "fsdp"),
                                                     [*overrides, "train.fsdp=true"]), nprocs=2)
     single_metrics = loop.run(train_config.load("digits", [f"log.dir={tmp_path / 'single'}", *overrides]),
                               progress=False)
