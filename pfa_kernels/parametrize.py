@@ -89,6 +89,20 @@ def _names(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+def _nonlinear_update_error(optimizer: torch.optim.Optimizer, held: str, more: str = "") -> ValueError:
+    """The refusal of an optimizer whose update is not linear in the gradient on the projected feedback `held`."""
+    name = type(optimizer).__name__
+    overridden = any(isinstance(optimizer, base) for base in LINEAR_OPTIMIZERS)
+    why = (f"{name} overrides step, so its update may not be linear in the gradient" if overridden else
+           f"{name} acts elementwise on the gradient, which does not commute with B^T")
+    return ValueError(
+        f"{name} updates the projected feedback {held}, but projected feedback (parametrization 'projected', which "
+        f"'auto', the default, picks) reproduces PFA only under optimizers whose update is linear in the gradient "
+        f"(SGD with any momentum, dampening, Nesterov and weight decay; ASGD; subclasses of them that keep their "
+        f"step). {why}. Use parametrization='explicit' (pk.convert(..., parametrization='explicit'), or "
+        f"pk.reparametrize(model, 'explicit') before building the optimizer) or an SGD optimizer{more}")
+
+
 def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
     """Raise a clear error if `optimizer` cannot train `model`'s PFA feedback as PFA: if it was built before
     pk.reparametrize replaced the feedback parameters (it holds the old ones, and the new ones never learn), or if
@@ -109,16 +123,7 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch
     held = [name for name, layer in layers.items()
             if layer.parametrization == "projected" and id(layer.feedback.Z) in held_ids]
     if held and not _linear_update(optimizer):
-        name = type(optimizer).__name__
-        overridden = any(isinstance(optimizer, base) for base in LINEAR_OPTIMIZERS)
-        why = (f"{name} overrides step, so its update may not be linear in the gradient" if overridden else
-               f"{name} acts elementwise on the gradient, which does not commute with B^T")
-        raise ValueError(
-            f"{name} updates the projected feedback Z of layer(s) {_names(held)}, but projected feedback "
-            f"reproduces PFA only under optimizers whose update is linear in the gradient (SGD with any momentum, "
-            f"dampening, Nesterov and weight decay; ASGD; subclasses of them that keep their step). {why}. Use "
-            f"parametrization='explicit' (pk.reparametrize(model, 'explicit') before building the optimizer) or an "
-            f"SGD optimizer")
+        raise _nonlinear_update_error(optimizer, f"Z of layer(s) {_names(held)}")
     return optimizer
 
 
@@ -143,14 +148,8 @@ def _check_first_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         projected = [_describe(feedback) for feedback in list(LIVE_PROJECTED) if id(feedback.Z) in held]
         if projected:
-            name = type(optimizer).__name__
-            raise ValueError(
-                f"{name} updates the projected feedback {_names(projected)}: projected feedback (parametrization "
-                f"'projected', which 'auto', the default, picks) reproduces PFA only under optimizers whose update is "
-                f"linear in the gradient (SGD with any momentum, dampening, Nesterov and weight decay; ASGD). Build "
-                f"the model with parametrization='explicit' (pk.convert(..., parametrization='explicit'), or "
-                f"pk.reparametrize(model, 'explicit') before building the optimizer) to train it with {name}; "
-                f"pk.check_optimizer(optimizer, model) names the layers")
+            raise _nonlinear_update_error(optimizer, _names(projected),
+                                          "; pk.check_optimizer(optimizer, model) names the layers")
     _CHECKED_OPTIMIZERS.add(optimizer)
 
 
