@@ -16,6 +16,7 @@ checkpoint loads with strict=True (the feedback is kept as drawn) and pk.bp_stat
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -26,8 +27,8 @@ from torch.nn.utils import parametrize
 from .nn import PFALinear
 
 # PFALinear's keyword arguments that every projection takes (feedback_seed is counted up per projection).
-_PFA_LAYER_KWARGS = ("expand_ratio", "feedback_init", "feedback_density", "parametrization", "strategy", "backend",
-                     "rule", "feedback_groups")
+_PFA_LAYER_KWARGS = tuple(name for name, parameter in inspect.signature(PFALinear.__init__).parameters.items()
+                          if parameter.kind is parameter.KEYWORD_ONLY and name != "feedback_seed")
 
 # This module's own state-dict names -> nn.MultiheadAttention's (one table for saving and loading).
 _PACKED_KEYS = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias"}
