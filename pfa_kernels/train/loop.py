@@ -480,7 +480,7 @@ def run(config: dict, rank: int | None = None, world_size: int | None = None, in
                        **evaluate(evaluated, val_loader, device, autocast, channels_last, world_size, fsdp)}
             if ema is not None:
                 averaged = evaluate(ema.module, val_loader, device, autocast, channels_last, world_size, fsdp)
-                metrics.update({f"ema_{key}": value for key, value in averaged.items() if key != "val_samples"})
+                metrics.update(_as_ema(averaged))
             if fsdp:  # every rank: a collective; rank 0 inspects its whole copy on the CPU
                 full_state = sharding.full_model_state(model)
                 if rank == 0:
@@ -518,6 +518,12 @@ def _wait_for_rank_0(world_size):
         dist.barrier()
 
 
+def _as_ema(metrics: dict) -> dict:
+    """The weight average's validation metrics as recorded beside the model's: ema_val_loss, ... (its sample count
+    is the model's)."""
+    return {f"ema_{key}": value for key, value in metrics.items() if key != "val_samples"}
+
+
 def evaluate_checkpoint(path, overrides=(), rank: int | None = None, world_size: int | None = None,
                         init_method: str | None = None) -> dict:
     """--eval: the model of a training checkpoint (checkpoint.pt, best.pt), and its weight average if it has one,
@@ -548,9 +554,7 @@ def evaluate_checkpoint(path, overrides=(), rank: int | None = None, world_size:
     if "ema" in state:
         averaged = copy.deepcopy(model)
         averaged.load_state_dict(state["ema"]["module"])
-        metrics.update({f"ema_{key}": value for key, value in
-                        evaluate(averaged, val_loader, device, autocast, channels_last, world_size).items()
-                        if key != "val_samples"})
+        metrics.update(_as_ema(evaluate(averaged, val_loader, device, autocast, channels_last, world_size)))
     if rank == 0:
         metrics["layers"] = _layer_metrics(model, val_loader, config["log"]["alignment_batches"], device,
                                            channels_last)
