@@ -1,11 +1,14 @@
 """Per-call cost of a PFA layer where the arithmetic is tiny: a 64x64 linear layer's forward and backward, and a
-converted ResNet-18 in eval at batch 1, each against nn in the same process (one thread, medians of 5 runs).
+converted ResNet-18 in eval at batch 1, each against nn in the same process (one thread). The candidates are timed
+in interleaved rounds (each round times every one once), and each figure is the median over the rounds, so a
+slow spell of the machine falls on all of them alike.
 
-    python benchmarks/bench_overhead.py
+    python benchmarks/bench_overhead.py [--rounds 7]
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -15,35 +18,43 @@ import torchvision
 import pfa_kernels as pk
 
 
-def _microseconds(fn, calls: int) -> float:
-    for _ in range(50):
-        fn()
-    runs = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(calls):
+def _interleaved_microseconds(fns: dict, calls: int, rounds: int) -> dict:
+    """Median microseconds per call of each function, timed round-robin."""
+    for fn in fns.values():
+        for _ in range(min(50, calls)):
             fn()
-        runs.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(runs)
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
     torch.set_num_threads(1)
     x = torch.randn(64, 64, requires_grad=True)
-    layers = {"nn": torch.nn.Linear(64, 64), "pfa explicit": pk.PFALinear(64, 64),
-              "pfa projected": pk.PFALinear(64, 64, parametrization="projected")}
-    baseline = None
-    for name, layer in layers.items():
-        cost = _microseconds(lambda layer=layer: layer(x).sum().backward(), 1000)
-        baseline = baseline or cost
-        print(f"64x64 forward+backward, {name}: {cost:.0f} us ({cost / baseline:.2f}x nn)")
+    layers = {"nn": torch.nn.Linear(64, 64), "pfa auto (projected)": pk.PFALinear(64, 64),
+              "pfa explicit": pk.PFALinear(64, 64, parametrization="explicit")}
+
+    # Gradients accumulate across calls (as in gradient accumulation): the timed work is the layer's alone.
+    costs = _interleaved_microseconds({name: lambda layer=layer: layer(x).sum().backward()
+                                       for name, layer in layers.items()}, 500, args.rounds)
+    for name, cost in costs.items():
+        print(f"64x64 forward+backward, {name}: {cost:.0f} us ({cost / costs['nn']:.2f}x nn)")
     model = torchvision.models.resnet18().eval()
-    converted = pk.convert(torchvision.models.resnet18(), parametrization="projected").eval()
+    converted = pk.convert(torchvision.models.resnet18()).eval()
     converted.load_state_dict(model.state_dict(), strict=False)
     image = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        plain = _microseconds(lambda: model(image), 20)
-        pfa = _microseconds(lambda: converted(image), 20)
+        eval_costs = _interleaved_microseconds({"nn": lambda: model(image), "pfa": lambda: converted(image)}, 10,
+                                               args.rounds)
+    plain, pfa = eval_costs["nn"], eval_costs["pfa"]
     print(f"ResNet-18 eval, batch 1: nn {plain / 1000:.1f} ms, PFA {pfa / 1000:.1f} ms ({pfa / plain:.3f}x)")
 
 

@@ -212,8 +212,12 @@ def position_bucket(positions: int) -> int:
 
 
 def make_key(device: torch.device, dtype: torch.dtype, op: str, weight_shape, mid_channels: int, feedback_shape,
-             projection: str, conv: tuple, parametrization: str, strategy: str, output_mask, positions: int) -> Key:
-    return Key(device_name(device), str(dtype).replace("torch.", ""), torch.are_deterministic_algorithms_enabled(),
+             projection: str, conv: tuple, parametrization: str, strategy: str, output_mask, positions: int,
+             deterministic: bool | None = None) -> Key:
+    """The Key of a call; deterministic: torch's deterministic-algorithms flag (default: as it is now)."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return Key(device_name(device), str(dtype).replace("torch.", ""), bool(deterministic),
                op, tuple(weight_shape), int(mid_channels), tuple(feedback_shape), projection,
                tuple(tuple(v) if isinstance(v, list | tuple) else v for v in conv), parametrization, strategy,
                tuple(bool(m) for m in output_mask), position_bucket(positions))

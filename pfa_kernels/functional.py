@@ -83,7 +83,29 @@ def _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spa
                 f"got {tuple(M.shape)}")
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"bias must have shape ({out_channels},); got {tuple(bias.shape)}")
-    in_channels = weight.shape[1] * groups
+    _check_input_shape(x, weight.shape[1] * groups, spatial_dims)
+
+
+def _check_layer_input(x, weight, groups, spatial_dims):
+    """A PFA layer's per-call check: what depends on x (type, dtype, device and shape against the layer's weight).
+    The layer's own tensors (weight, bias, B, M, feedback) are made consistent by its constructor, .to() and
+    load_state_dict, so _check_tensors' checks of them cannot fail here; they cost 6 us a call, half a 64x64
+    layer's forward in nn."""
+    if type(x) is not torch.Tensor and not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype != weight.dtype:
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor; got dtype {x.dtype}")
+        if not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the layer's weight has {weight.dtype}; all tensors must "
+                            f"share a dtype (convert the layer with .to({x.dtype}) or use autocast)")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the layer's weight is on {weight.device}; all tensors must share a "
+                         f"device")
+    _check_input_shape(x, weight.shape[1] * groups, spatial_dims)
+
+
+def _check_input_shape(x, in_channels, spatial_dims):
     if spatial_dims == 0:
         if x.dim() < 1 or x.shape[-1] != in_channels:
             raise ValueError(f"x must have shape (..., {in_channels}); got {tuple(x.shape)}")
@@ -106,9 +128,13 @@ def _as_tuple(value, spatial_dims, name):
     return value
 
 
-def _linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend):
+def _linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend, layer_call=False):
+    """layer_call: called by a PFA layer on its own tensors, which need no check but x's (_check_layer_input)."""
     check_strategy_for(strategy, parametrization)
-    _check_tensors(x, weight, bias, B, M, feedback, parametrization, 1, 0)
+    if layer_call:
+        _check_layer_input(x, weight, 1, 0)
+    else:
+        _check_tensors(x, weight, bias, B, M, feedback, parametrization, 1, 0)
     if strategy == "reference":
         return reference.pfa_linear(x, weight, bias, B, feedback)
     x, weight, bias, B, M, feedback = cast_for_autocast([x, weight, bias, B, M, feedback], x.device.type)
@@ -117,9 +143,13 @@ def _linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
 
 
 def _conv(spatial_dims, x, weight, bias, B, M, feedback, parametrization, stride, padding, dilation, groups, strategy,
-          backend):
+          backend, layer_call=False):
+    """layer_call: as in _linear."""
     check_strategy_for(strategy, parametrization)
-    _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spatial_dims)
+    if layer_call:
+        _check_layer_input(x, weight, groups, spatial_dims)
+    else:
+        _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spatial_dims)
     stride = _as_tuple(stride, spatial_dims, "stride")
     padding = _as_tuple(padding, spatial_dims, "padding")
     dilation = _as_tuple(dilation, spatial_dims, "dilation")

@@ -83,12 +83,15 @@ class _PFAMixin:
         feedback's own. Without either (eval, torch.no_grad(), a frozen first layer) the layer runs nn's forward:
         identical outputs, and a weight gradient that is BP's by definition, without the op's per-call cost.
         brsf always takes the op: its forward draws the batch's feedback magnitudes."""
+        grad_enabled = torch.is_grad_enabled()
+        if grad_enabled and x.requires_grad:  # the common case in training, decided first
+            return True
         if self.rule == "brsf":
             return True
-        if not torch.is_grad_enabled():
+        if not grad_enabled:
             return False
         feedback_parameter = self.feedback.parameter
-        return x.requires_grad or (feedback_parameter is not None and feedback_parameter.requires_grad)
+        return feedback_parameter is not None and feedback_parameter.requires_grad
 
     def _feedback_extra_repr(self) -> str:
         if self.rule != "pfa":
@@ -192,7 +195,8 @@ class PFALinear(_PFAMixin, nn.Linear):
         if not self._needs_pfa_backward(x):
             return F.linear(x, self.weight, self.bias)
         weight, B, M, feedback, parametrization = self._feedback_arguments()
-        return functional._linear(x, weight, self.bias, B, M, feedback, parametrization, self.strategy, self.backend)
+        return functional._linear(x, weight, self.bias, B, M, feedback, parametrization, self.strategy, self.backend,
+                                  layer_call=True)
 
     def _meta_forward(self, x, weight):
         return F.linear(x, weight)
@@ -230,7 +234,7 @@ class _PFAConvNd(_PFAMixin):
         weight, B, M, feedback, parametrization = self._feedback_arguments()
         return functional._conv(self._spatial_dims, x, weight, self.bias, B, M, feedback, parametrization,
                                 list(self.stride), padding, list(self.dilation), self.groups, self.strategy,
-                                self.backend)
+                                self.backend, layer_call=True)
 
     def _meta_forward(self, x, weight):
         pads, padding = self._op_padding()

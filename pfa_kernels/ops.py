@@ -85,14 +85,28 @@ def _plan(grad_output_shape, weight_shape, mid_channels, groups, strategy, backe
 
 
 def dispatch_key(device, dtype, grad_output_shape, weight_shape, B_shape, M_present, feedback_shape, conv,
-                 parametrization, strategy, output_mask) -> dispatch.Key:
+                 parametrization, strategy, output_mask, deterministic=None) -> dispatch.Key:
     """The dispatch cache key of a backward call (dispatch.Key): device, dtype, geometry, P bucketed."""
     spatial = len(weight_shape) - 2
     op = "linear" if spatial == 0 else f"conv{spatial}d"
     positions = planner.layer_shape(grad_output_shape, weight_shape, 0, 1).positions
     projection = ("M" if M_present else "B") if parametrization == "projected" else ""
     return dispatch.make_key(device, dtype, op, weight_shape, 0 if B_shape is None else B_shape[1], feedback_shape,
-                             projection, conv, parametrization, strategy, output_mask, positions)
+                             projection, conv, parametrization, strategy, output_mask, positions, deterministic)
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_call(device, dtype, deterministic, grad_output_shape, weight_shape, B_shape, M_present, feedback_shape,
+               conv, groups, parametrization, strategy, output_mask) -> tuple[dispatch.Key, planner.Plan]:
+    """(dispatch key, the PyTorch backend's plan) of a backend="auto" backward call. Cached: both are functions of
+    these arguments alone, and building them costs about 10 us of Python per call (a tenth of a 64x64 layer's
+    forward and backward in nn); a decision itself is looked up afresh every call (dispatch.clear, load)."""
+    mid_channels = 0 if B_shape is None else B_shape[1]
+    reference = _plan(grad_output_shape, weight_shape, mid_channels, groups, strategy, "torch", output_mask,
+                      parametrization, M_present, None)
+    key = dispatch_key(device, dtype, grad_output_shape, weight_shape, B_shape, M_present, feedback_shape, conv,
+                       parametrization, strategy, output_mask, deterministic)
+    return key, reference
 
 
 def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrization, strategy, backend, output_mask,
@@ -103,11 +117,18 @@ def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrizati
     plan_kwargs = dict(output_mask=output_mask, parametrization=parametrization, keeps_projection_matrix=M is not None)
     if backend != "auto":
         return execute(plan_backward(*plan_args, backend, **plan_kwargs))
-    reference = plan_backward(*plan_args, "torch", **plan_kwargs)
-    key = dispatch_key(grad_output.device, grad_output.dtype, grad_output.shape, weight.shape,
-                       None if B is None else B.shape, M is not None, feedback.shape, conv, parametrization, strategy,
-                       output_mask)
-    if dispatch.cached(key) is None and dispatch.mode() == "measure":
+    call = (grad_output.device, grad_output.dtype, torch.are_deterministic_algorithms_enabled(),
+            tuple(grad_output.shape), tuple(weight.shape), None if B is None else tuple(B.shape), M is not None,
+            tuple(feedback.shape), tuple(tuple(v) if isinstance(v, list) else v for v in conv), groups,
+            parametrization, strategy, tuple(output_mask))
+    try:
+        key, reference = _auto_call(*call)
+    except TypeError:  # a symbolic size (torch.compile's dynamic shapes) cannot be hashed
+        key, reference = _auto_call.__wrapped__(*call)
+    decision = dispatch.cached(key)  # None in static mode
+    if decision is not None:  # the common case: every call after a shape's first
+        return execute(decision.plan)
+    if dispatch.mode() == "measure":
         backends = dispatch.candidate_backends(grad_output.device.type, grad_output.dtype, parametrization,
                                                 grad_output.device)
         candidates = [plan_backward(*plan_args, name, **plan_kwargs, orders=pair)
@@ -405,14 +426,14 @@ class _EagerConv(torch.autograd.Function):
         return _conv_autograd_backward(ctx, grad_output, None if torch.is_grad_enabled() else _conv_backward_impl)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 
 
 def _eager(*tensors) -> bool:
     """Whether a call can skip the op: not traced by torch.compile or export, and plain tensors (not fake, functional
-    or distributed ones, which the op's registrations handle)."""
-    return (not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and all(t is None or type(t) in _PLAIN for t in tensors))
+    or distributed ones, which the op's registrations handle) or None."""
+    return (_PLAIN.issuperset(map(type, tensors)) and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
 
 
 def apply_linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend) -> torch.Tensor:

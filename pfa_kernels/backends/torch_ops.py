@@ -99,7 +99,9 @@ def linear_backward(grad_output, x, weight, B, R, plan: Plan, need_input, need_w
     pieces: the feedback-product kernels to use (another backend's; default: these PyTorch ones).
     """
     pieces = pieces or TORCH_PIECES
-    x_rows, grad_rows = _rows(x), _rows(grad_output)
+    x_rows = x if x.dim() == 2 else _rows(x)
+    # One copy of an expanded or strided g for the GEMMs below (see projected_linear_backward).
+    grad_rows = (grad_output if grad_output.dim() == 2 else _rows(grad_output)).contiguous()
     grad_x = grad_weight = grad_bias = grad_R = None
 
     correlation_needed = need_feedback and plan.feedback_grad_order == "product"
@@ -118,7 +120,8 @@ def linear_backward(grad_output, x, weight, B, R, plan: Plan, need_input, need_w
             grad_x = pieces.sequence_input_grad(grad_rows, B, R, list(x_rows.shape), [], [], [])
         else:
             grad_x = grad_mid.mm(R)
-        grad_x = grad_x.reshape(x.shape)
+        if grad_x.dim() != x.dim():
+            grad_x = grad_x.reshape(x.shape)
     if need_feedback:
         if plan.feedback_grad_order == "product":
             grad_R = pieces.feedback_grad_from_correlation(B, grad_weight)
@@ -243,7 +246,11 @@ def projected_linear_backward(grad_output, x, weight, B, M, Z, plan: Plan, need_
     M (1, C_out, C_out) or None. pieces: the kernels to use (default: these PyTorch ones).
     """
     pieces = pieces or TORCH_PIECES
-    x_rows, grad_rows = _rows(x), _rows(grad_output)
+    # 2-D inputs as they are: each reshape is a few us of dispatch, a visible share of a small layer's backward.
+    x_rows = x if x.dim() == 2 else _rows(x)
+    # One copy of an expanded or strided g (loss.sum()'s is all stride 0) for the GEMMs below, each of which would
+    # otherwise copy it again or take a slow path: 71 -> 31 us for a 64x64 layer.
+    grad_rows = (grad_output if grad_output.dim() == 2 else _rows(grad_output)).contiguous()
     grad_x = grad_weight = grad_bias = grad_Z = None
     if need_weight or need_feedback:
         grad_weight = grad_rows.t().mm(x_rows)
@@ -251,12 +258,18 @@ def projected_linear_backward(grad_output, x, weight, B, M, Z, plan: Plan, need_
         grad_bias = grad_rows.sum(0)
     if need_input:
         if plan.input_order == "product":
-            grad_x = grad_rows.mm(pieces.projected_feedback_product(B, M, Z))
+            if M is not None and pieces is TORCH_PIECES:  # W_fb = M Z as one GEMM (the linear layer's one group)
+                grad_x = grad_rows.mm(M[0].mm(Z))
+            else:
+                grad_x = grad_rows.mm(pieces.projected_feedback_product(B, M, Z))
         elif pieces.sequence_input_grad is not None and M is not None:  # fused: (g M) Z, M symmetric
             grad_x = pieces.sequence_input_grad(grad_rows, M[0], Z, list(x_rows.shape), [], [], [])
+        elif M is not None:  # (g M) Z: M is symmetric, so g M = (M g^T)^T, each row's projected error
+            grad_x = grad_rows.mm(M[0]).mm(Z)
         else:
             grad_x = projected_error(grad_rows, B, M, 1, channel_dim=1).mm(Z)
-        grad_x = grad_x.reshape(x.shape)
+        if grad_x.dim() != x.dim():
+            grad_x = grad_x.reshape(x.shape)
     if need_feedback:
         grad_Z = grad_weight.clone() if need_weight else grad_weight  # separate memory for the two .grad fields
     return grad_x, (grad_weight if need_weight else None), grad_bias, grad_Z
