@@ -83,25 +83,84 @@ class PFAFeedback(nn.Module):
         # Without an explicit seed, take one from the global RNG: torch.manual_seed(s) then fixes it.
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
         B_density, R_density = feedback_densities(feedback_density)
+        self._factory = {"device": device, "dtype": dtype}  # of the tensors the constructors allocate
+        # The dtypes the layer has been held in, in order: a B drawn again on demand is rounded through them, so that
+        # it equals the B a layer holds (float32 at construction stays float32-rounded after .double()).
+        self._B_dtypes = [dtype or torch.get_default_dtype()]
+        self.B_from_seed = True  # False once a checkpoint written with B in it has replaced it
         # Not in the state dict: drawn from the seed again on load (feedback_state.py), checked by fixed_checksum.
-        self.register_buffer("B", torch.empty(self.B_shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("B_mask", torch.empty(self.B_shape, dtype=torch.bool, device=device)
-                             if B_density < 1 else None, persistent=False)
+        # Held on the device unless the parametrization does without B (a projected layer with M: .B is then drawn
+        # from the seed where it is read, for conversions and checks).
+        held = self._holds_B()
+        self.register_buffer("B_held", torch.empty(self.B_shape, device=device, dtype=dtype) if held else None,
+                             persistent=False)
+        self.register_buffer("B_mask_held", torch.empty(self.B_shape, dtype=torch.bool, device=device)
+                             if held and B_density < 1 else None, persistent=False)
         self.register_buffer("R_mask", torch.empty(self.R_shape, dtype=torch.bool, device=device)
                              if R_density < 1 else None, persistent=False)
         self.fixed_checksum = None  # of B and R's mask as drawn (feedback_state.fixed_state_checksum)
+
+    def _holds_B(self) -> bool:
+        """Whether B (and B's mask) is held on the device: wherever the parametrization's ops read it."""
+        return True
+
+    @property
+    def B(self) -> torch.Tensor:
+        """The fixed feedback matrix, (C_out, C_mid) or (C_out, C_mid/G) grouped: held, or drawn from the seed."""
+        held = self._buffers["B_held"]
+        return held if held is not None else self._drawn_fixed_state()[0]
+
+    @B.setter
+    def B(self, value: torch.Tensor | None) -> None:
+        self.B_held = value
+
+    @property
+    def B_mask(self) -> torch.Tensor | None:
+        """B's Bernoulli mask (B's shape, bool), or None without one: held with B, or drawn from the seed."""
+        if self._buffers["B_held"] is not None or feedback_densities(self.feedback_density)[0] == 1:
+            return self._buffers["B_mask_held"]
+        return self._drawn_fixed_state()[1]
+
+    @B_mask.setter
+    def B_mask(self, value: torch.Tensor | None) -> None:
+        self.B_mask_held = value
+
+    def _drawn_fixed_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, B's mask) drawn from the seed, B rounded as a held B would be, on the device of the learned tensor."""
+        B, _, B_mask, _ = self._draw()
+        B = self._rounded_as_held(B)
+        device = self.parameter.device
+        return B.to(device), None if B_mask is None else B_mask.to(device)
+
+    def _rounded_as_held(self, B: torch.Tensor) -> torch.Tensor:
+        for dtype in self._B_dtypes:
+            B = B.to(dtype)
+        return B
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        dtype = self.parameter.dtype
+        if dtype != self._B_dtypes[-1]:  # .double(), .half(), .to(dtype): a held B would be rounded to it
+            self._B_dtypes.append(dtype)
+        return result
 
     def _settings(self) -> dict:
         """The constructor arguments that rebuild this feedback (another parametrization of the same B)."""
         return dict(out_channels=self.out_channels, in_channels_per_group=self.in_channels_per_group,
                     kernel_size=self.kernel_size, groups=self.groups, expand_ratio=self.expand_ratio,
                     feedback_init=self.feedback_init, feedback_density=self.feedback_density, seed=self.seed,
-                    device=self.B.device, dtype=self.B.dtype, feedback_groups=self.feedback_groups)
+                    device=self.parameter.device, dtype=self.parameter.dtype, feedback_groups=self.feedback_groups)
 
     def _share_fixed_state(self, other: PFAFeedback) -> None:
-        """Take `other`'s B and masks (the same tensors: they are fixed)."""
-        self.B, self.B_mask, self.R_mask = other.B, other.B_mask, other.R_mask
-        self.fixed_checksum = other.fixed_checksum
+        """Take `other`'s B and masks (the same tensors: they are fixed). B is left out where this parametrization
+        does without it and it is the seed's (it is drawn again where it is read)."""
+        self.R_mask = other.R_mask
+        self.fixed_checksum, self.B_from_seed = other.fixed_checksum, other.B_from_seed
+        self._B_dtypes = list(other._B_dtypes)
+        if self._holds_B() or not other.B_from_seed:
+            self.B, self.B_mask = other.B, other.B_mask
+        else:
+            self.B = self.B_mask = None
 
     @property
     def grouped(self) -> bool:
@@ -205,13 +264,16 @@ class PFAFeedback(nn.Module):
         return B, R, B_mask, R_mask
 
     def _reset_fixed_state(self):
-        """Draw B and the masks into their buffers; return R_0 (float64)."""
+        """Draw B and the masks into their buffers (B where it is held); return B and R_0 (float64, CPU)."""
         B, R, B_mask, R_mask = self._draw()
-        if B_mask is not None:
-            self.B_mask.copy_(B_mask)
         if R_mask is not None:
             self.R_mask.copy_(R_mask)
-        self.B.copy_(B)
+        held = self._buffers["B_held"]
+        if held is not None:
+            held.copy_(B)
+            if B_mask is not None:
+                self.B_mask_held.copy_(B_mask)
+        self.B_from_seed = True
         self.fixed_checksum = fixed_state_checksum(B, R_mask)
         return B, R
 
@@ -287,7 +349,7 @@ class ExplicitFeedback(PFAFeedback):
 
     def __init__(self, *args, reset: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.R = nn.Parameter(torch.empty(self.R_shape, device=self.B.device, dtype=self.B.dtype))
+        self.R = nn.Parameter(torch.empty(self.R_shape, **self._factory))
         if reset:
             self.reset_parameters()
 
@@ -311,7 +373,7 @@ class ExplicitFeedback(PFAFeedback):
         return self.effective_R().detach().clone()
 
     def _op_tensors(self):
-        return self.B, None, self.effective_R(), "explicit"
+        return self.B_held, None, self.effective_R(), "explicit"
 
     def feedback_weight(self) -> torch.Tensor:
         """W_fb = B·R: W's shape with grouped feedback, dense (C_out, C_in, *kernel) otherwise (docs/design.md §2.3)."""
@@ -331,7 +393,8 @@ class ExplicitFeedback(PFAFeedback):
         null = None if null.norm() <= 1e-10 * R.double().norm() else null.to(R.dtype)
         projected = ProjectedFeedback(**self._settings(), reset=False)
         projected._share_fixed_state(self)
-        projected._set_state(self.from_columns(Z_by_group).to(R.dtype), null, condition, R.requires_grad)
+        projected._set_state(self.from_columns(Z_by_group).to(R.dtype), null, condition, R.requires_grad,
+                             B_by_group=self.B_by_group())
         return projected
 
 
@@ -346,10 +409,9 @@ class ProjectedFeedback(PFAFeedback):
         super().__init__(*args, **kwargs)
         LIVE_PROJECTED.add(self)  # for the optimizer check (parametrize.py)
         self.condition_number = None  # max cond(B_j), set when projecting
-        factory = {"device": self.B.device, "dtype": self.B.dtype}
-        self.Z = nn.Parameter(torch.empty(self.Z_shape, **factory))
+        self.Z = nn.Parameter(torch.empty(self.Z_shape, **self._factory))
         rows = self.rows_per_group
-        self.register_buffer("M", torch.empty(self.groups, rows, rows, **factory)
+        self.register_buffer("M", torch.empty(self.groups, rows, rows, **self._factory)
                              if self.keeps_projection_matrix else None, persistent=False)  # a function of B
         self.register_buffer("R_null", None)
         if reset:
@@ -367,10 +429,15 @@ class ProjectedFeedback(PFAFeedback):
         expand_ratio >= 1/2)."""
         return self.rows_per_group <= 2 * (self.mid_channels // self.groups)
 
-    def _set_state(self, Z, R_null, condition, requires_grad=True):
+    def _holds_B(self) -> bool:
+        # With M, the ops read M and Z alone: B (321 M floats at r = 10 in a ResNet-50) stays off the device.
+        return not self.keeps_projection_matrix
+
+    def _set_state(self, Z, R_null, condition, requires_grad=True, B_by_group=None):
+        """Z (Parameter), M from B_by_group (default: this feedback's B), R_null and cond(B)."""
         self.Z = nn.Parameter(Z, requires_grad=requires_grad)
         if self.M is not None:
-            self.M = projection.projection_matrix(self.B_by_group()).to(Z.dtype)
+            self.M = projection.projection_matrix(self.B_by_group() if B_by_group is None else B_by_group).to(Z.dtype)
         self.R_null = R_null
         self.condition_number = condition
         self._warn_if_ill_conditioned()
@@ -379,8 +446,9 @@ class ProjectedFeedback(PFAFeedback):
     def reset_parameters(self) -> None:
         """Draw masks, B and R_0 from the layer's seed (the same values every time); Z_0 = M^+ B R_0."""
         B, R = self._reset_fixed_state()
-        if self.B.dtype in (torch.float32, torch.float64) and self.B.device.type == "cpu":
-            B = self.B  # already rounded to the precision the projection works in: no second copy of B
+        dtype = self._B_dtypes[-1]
+        if dtype in (torch.float32, torch.float64) and self.Z.device.type == "cpu":
+            B = self._rounded_as_held(B)  # the precision the projection works in, as a held B has it
         Z_by_group, M, self.condition_number = projection.initial_projection(self.B_by_group(B), self.R_by_group(R),
                                                                              self.Z.dtype)
         self.Z.copy_(self.from_columns(Z_by_group))
@@ -403,7 +471,7 @@ class ProjectedFeedback(PFAFeedback):
             self.M.copy_(projection.projection_matrix(self.B_by_group()))
 
     def _op_tensors(self):
-        return self.B, self.M, self.Z, "projected"
+        return self.B_held, self.M, self.Z, "projected"  # B_held: None where M is kept (the ops need only M)
 
     def feedback_weight(self) -> torch.Tensor:
         """W_fb = M·Z per group (B_j (B_j^T Z_j) without M): Z's shape (docs/design.md §2.4)."""
@@ -429,7 +497,7 @@ class ProjectedFeedback(PFAFeedback):
         if self.R_null is not None:
             return self.R_null.double()
         # Built projected: the null-space part of the seeded R_0 (it never affects training).
-        R_0 = self._draw()[1].to(self.B.device)
+        R_0 = self._draw()[1].to(self.Z.device)
         null = projection.project_onto_feedback(self.B_by_group(), self.R_by_group(R_0))[1]
         return null.reshape(self.R_shape)
 
@@ -455,7 +523,7 @@ class ProjectedFeedback(PFAFeedback):
     def _prepare_load(self, state_dict, prefix) -> None:
         # R_null is None (seeded) unless the layer was switched from an explicit R; follow the checkpoint.
         key = prefix + "R_null"
-        self.R_null = torch.empty_like(state_dict[key], device=self.B.device) if key in state_dict else None
+        self.R_null = torch.empty_like(state_dict[key], device=self.Z.device) if key in state_dict else None
 
 
 _FEEDBACK_CLASSES = {"explicit": ExplicitFeedback, "projected": ProjectedFeedback}

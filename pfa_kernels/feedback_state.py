@@ -15,6 +15,8 @@ import threading
 import torch
 from torch import nn
 
+from .feedback_options import feedback_densities
+
 
 class _FeedbackLoad(threading.local):
     """What the feedback modules of the load_state_dict call in progress (on this thread) have found. One call is
@@ -99,14 +101,24 @@ def load_fixed_state(feedback, own: dict, prefix: str, error_msgs: list) -> bool
                      f"grouped feedback existed, and those of feedback_groups='dense', need feedback_groups='dense')"
                      if feedback.groups > 1 else "")
     saved = {key: own.pop(prefix + key) for key in ("B", "B_mask", "R_mask", "M") if prefix + key in own}
-    if saved:  # an older checkpoint, which carries them: B as saved (its seed is not recorded)
+    if saved:  # an older checkpoint, which carries them: B as saved (its seed is not recorded), held from now on
+        B_density = feedback_densities(feedback.feedback_density)[0]
+        expected = {"B": feedback.B_shape, "B_mask": feedback.B_shape if B_density < 1 else None,
+                    "R_mask": None if feedback.R_mask is None else feedback.R_mask.shape,
+                    "M": None if getattr(feedback, "M", None) is None else feedback.M.shape}
         for key, value in saved.items():
-            buffer = getattr(feedback, key, None)
-            if buffer is None or buffer.shape != value.shape:
+            if expected[key] is None or tuple(expected[key]) != tuple(value.shape):
                 error_msgs.append(f"{name}: the checkpoint's {key} has shape {tuple(value.shape)}, this layer's "
-                                  f"is {None if buffer is None else tuple(buffer.shape)}{grouping_hint}")
+                                  f"is {None if expected[key] is None else tuple(expected[key])}{grouping_hint}")
                 return False
-            buffer.copy_(value)
+        like = feedback.parameter
+        for key, value in saved.items():
+            if key in ("B", "B_mask"):  # held (a projected layer with M holds B only when it is not the seed's)
+                setattr(feedback, key, value.to(like.device, like.dtype if key == "B" else torch.bool))
+            else:
+                getattr(feedback, key).copy_(value)
+        if "B" in saved:
+            feedback.B_from_seed = False
         if "M" not in saved:
             feedback._fixed_state_changed()
         exact = feedback.B.dtype in (torch.float32, torch.float64)

@@ -34,8 +34,8 @@ def check_strategy_for(strategy, parametrization) -> str:
 def _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spatial_dims):
     feedback_name = {"explicit": "R", "projected": "Z", "direct": "feedback_weight"}[parametrization]
     named = {"x": x, "weight": weight, feedback_name: feedback}
-    if parametrization != "direct":
-        named["B"] = B
+    if parametrization == "explicit" or (parametrization == "projected" and (B is not None or M is None)):
+        named["B"] = B  # a projected layer with M reads no B (None allowed)
     if bias is not None:
         named["bias"] = bias
     if M is not None:
@@ -63,9 +63,9 @@ def _check_tensors(x, weight, bias, B, M, feedback, parametrization, groups, spa
         if tuple(feedback.shape) != tuple(weight.shape):
             raise ValueError(f"feedback_weight must have weight's shape {tuple(weight.shape)}; got "
                              f"{tuple(feedback.shape)}")
-    elif B.dim() != 2 or B.shape[0] != out_channels:
+    elif B is not None and (B.dim() != 2 or B.shape[0] != out_channels):
         raise ValueError(f"B must have shape (C_out={out_channels}, C_mid); got {tuple(B.shape)}")
-    mid_channels = 0 if parametrization == "direct" else B.shape[1]
+    mid_channels = 0 if B is None else B.shape[1]
     if mid_channels % groups:
         raise ValueError(f"groups={groups} must divide C_mid = B.shape[1] = {mid_channels}")
     if parametrization == "explicit":
@@ -181,7 +181,8 @@ def pfa_linear_projected(x, weight, bias, B, M, Z, strategy="auto", backend="aut
     """Projected PFA linear layer: y = x W^T + b, input gradient fed back through M·Z; Z's gradient is dL/dW.
 
     x (..., C_in), weight and Z (C_out, C_in), bias (C_out,) or None, B (C_out, C_mid),
-    M (1, C_out, C_out) = B B^T or None (then applied as B (B^T ·)). Returns (..., C_out).
+    M (1, C_out, C_out) = B B^T or None (then applied as B (B^T ·)); B may be None when M is given.
+    Returns (..., C_out).
     """
     return _linear(x, weight, bias, B, M, Z, "projected", strategy, backend)
 
@@ -215,7 +216,8 @@ def _projected_conv(spatial_dims):
         f"Projected PFA {spatial_dims}-d convolution with zero padding: the input gradient is fed back through\n"
         f"    M·Z and Z's gradient is the dense correlation conv_weight(x, g) (dL/dW when groups = 1).\n\n"
         f"    x (N, C_in, *spatial), weight (C_out, C_in/groups, *kernel), bias (C_out,) or None, B (C_out, C_mid),\n"
-        f"    M (groups, C_out, C_out) = B_j B_j^T or None, Z (C_out, C_in, *kernel). Returns (N, C_out, *out).\n    ")
+        f"    M (groups, C_out, C_out) = B_j B_j^T or None, Z (C_out, C_in, *kernel); B may be None when M is\n"
+        f"    given. Returns (N, C_out, *out).\n    ")
     return projected_conv
 
 

@@ -42,7 +42,7 @@ def feedback_weights(model: nn.Module, backend: str = "auto") -> dict[str, torch
     for name, layer in layers.items():
         feedback = layer.feedback
         groups = feedback.groups
-        B_groups = B_by_group(feedback.B, groups)
+        B_groups = None if feedback.M is not None else B_by_group(feedback.B, groups)  # M: B is not read (nor held)
         if feedback.parametrization == "explicit":
             R = feedback.effective_R()
             right_groups = list(R.reshape(groups, R.shape[0] // groups, -1).unbind(0))

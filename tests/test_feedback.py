@@ -368,3 +368,86 @@ def test_checksum_samples_reach_the_last_entry_of_a_large_B():
     B[-1, -1] = 1.0
     assert fixed_state_checksum(B, None) != before
     assert fixed_state_checksum(B.double(), None) == fixed_state_checksum(B, None)
+
+
+def _device_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv-grouped", "conv-dense-groups", "masked-B"])
+def test_projected_feedback_with_M_holds_no_B(kind):
+    """A projected layer whose M suffices holds W, b, Z and M alone: B (and B's mask) is drawn from the seed where it
+    is read, equal to the B its explicit twin holds, and the layer's gradients are unchanged."""
+    options = dict(expand_ratio=10, feedback_seed=3)
+    if kind == "linear":
+        make = lambda parametrization: pk.PFALinear(12, 7, parametrization=parametrization, **options)  # noqa: E731
+        x = torch.randn(5, 12)
+    else:
+        density = (0.5, 1.0) if kind == "masked-B" else 1.0
+        groups = 1 if kind == "masked-B" else 2
+        grouping = "dense" if kind == "conv-dense-groups" else "grouped"
+        make = lambda parametrization: pk.PFAConv2d(  # noqa: E731
+            4, 6, 3, padding=1, groups=groups, feedback_density=density, feedback_groups=grouping,
+            parametrization=parametrization, **options)
+        x = torch.randn(2, 4, 5, 5)
+    projected, explicit = make("projected"), make("explicit")
+    feedback = projected.feedback
+    assert feedback.M is not None and feedback.B_held is None and feedback.B_mask_held is None
+    own = {id(t) for t in [projected.weight, projected.bias, feedback.Z, feedback.M]}
+    assert {id(t) for t in [*projected.parameters(), *projected.buffers()]} == own
+    assert _device_bytes(projected) == sum(t.numel() * t.element_size()
+                                           for t in [projected.weight, projected.bias, feedback.Z, feedback.M])
+    assert torch.equal(feedback.B, explicit.feedback.B)
+    if kind == "masked-B":
+        assert torch.equal(feedback.B_mask, explicit.feedback.B_mask) and not feedback.B_mask.all()
+    # Gradients against the explicit twin (W_fb = M Z = B R): the B the ops never see changes nothing.
+    twin = pk.reparametrize(copy.deepcopy(projected), "explicit")
+    for layer in (projected, twin):
+        layer.zero_grad()
+        layer(x.clone().requires_grad_()).square().sum().backward()
+    torch.testing.assert_close(projected.weight.grad, twin.weight.grad)
+    torch.testing.assert_close(projected.feedback.feedback_weight(), twin.feedback.feedback_weight())
+
+
+def test_a_drawn_B_is_rounded_as_a_held_one():
+    """.double() of a float32 layer: a held B keeps its float32 rounding, and so does the B a projected layer draws
+    (so that its explicit twin, its M refreshed from B, and verify's literal twin all see one B)."""
+    projected = pk.PFALinear(9, 6, expand_ratio=10, parametrization="projected", feedback_seed=1).double()
+    explicit = pk.PFALinear(9, 6, expand_ratio=10, parametrization="explicit", feedback_seed=1).double()
+    assert projected.feedback.B.dtype == torch.float64
+    assert torch.equal(projected.feedback.B, explicit.feedback.B)
+    assert not torch.equal(projected.feedback.B, projected.feedback._draw()[0])  # the float64 draw differs
+    born_double = pk.PFALinear(9, 6, expand_ratio=10, parametrization="projected", feedback_seed=1,
+                               dtype=torch.float64)
+    assert torch.equal(born_double.feedback.B, born_double.feedback._draw()[0])
+
+
+def test_reparametrize_holds_B_only_where_the_ops_read_it():
+    """explicit -> projected drops the seed's B (M suffices); a B from an older checkpoint is not the seed's, so a
+    projected layer holds it; projected -> explicit holds B again."""
+    explicit = pk.PFALinear(8, 5, expand_ratio=10, parametrization="explicit", feedback_seed=2)
+    projected = pk.reparametrize(copy.deepcopy(explicit), "projected")
+    assert projected.feedback.B_held is None and torch.equal(projected.feedback.B, explicit.feedback.B)
+    back = pk.reparametrize(copy.deepcopy(projected), "explicit")
+    assert back.feedback.B_held is not None and torch.equal(back.feedback.B, explicit.feedback.B)
+    old = {**{k: v for k, v in projected.state_dict().items() if not k.endswith("_extra_state")},
+           "feedback.B": 2 * explicit.feedback.B}
+    loaded = pk.PFALinear(8, 5, expand_ratio=10, parametrization="projected", feedback_seed=2)
+    loaded.load_state_dict(old)
+    assert torch.equal(loaded.feedback.B_held, 2 * explicit.feedback.B) and not loaded.feedback.B_from_seed
+    torch.testing.assert_close(loaded.feedback.M[0], 4 * explicit.feedback.B @ explicit.feedback.B.T)
+    assert pk.reparametrize(copy.deepcopy(loaded), "explicit").feedback.B_held is not None
+
+
+def test_functional_projected_takes_B_none_with_M():
+    x, weight, B = torch.randn(3, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64), \
+        torch.randn(4, 40, dtype=torch.float64)
+    M, Z = (B @ B.T).unsqueeze(0), torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    x.requires_grad_(True)
+    pk.functional.pfa_linear_projected(x, weight, None, None, M, Z).sum().backward()
+    grad_without_B = x.grad.clone()
+    x.grad = None
+    pk.functional.pfa_linear_projected(x, weight, None, B, M, Z).sum().backward()
+    torch.testing.assert_close(x.grad, grad_without_B, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="B must be a torch.Tensor"):
+        pk.functional.pfa_linear_projected(x, weight, None, None, None, Z)
