@@ -189,9 +189,10 @@ class PFAMultiheadAttention(nn.MultiheadAttention):
                 f"batch_first={self.batch_first}")
 
     @classmethod
-    def from_module(cls, module: nn.MultiheadAttention, **layer_kwargs) -> PFAMultiheadAttention:
+    def from_module(cls, module: nn.MultiheadAttention, device=None, **layer_kwargs) -> PFAMultiheadAttention:
         """A PFAMultiheadAttention holding `module`'s own Parameters (an optimizer's references stay valid), with new
-        feedback (layer_kwargs: PFALinear's feedback keyword arguments) and `module`'s training flag."""
+        feedback (layer_kwargs: PFALinear's feedback keyword arguments) built on `device` (default: the weights')
+        and `module`'s training flag."""
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"module must be an nn.MultiheadAttention; got {type(module).__name__}")
         reason = cls.refusal(module)
@@ -200,7 +201,7 @@ class PFAMultiheadAttention(nn.MultiheadAttention):
         weight = module.out_proj.weight
         attention = cls(module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
                         module.bias_k is not None, module.add_zero_attn, module.kdim, module.vdim, module.batch_first,
-                        device=weight.device, dtype=weight.dtype, **layer_kwargs)
+                        device=device or weight.device, dtype=weight.dtype, **layer_kwargs)
         if module._qkv_same_embed_dim:
             attention.in_proj.weight, attention.in_proj.bias = module.in_proj_weight, module.in_proj_bias
         else:

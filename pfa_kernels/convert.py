@@ -25,6 +25,7 @@ import re
 import sys
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
@@ -144,9 +145,10 @@ def replace_modules(model: nn.Module, places: dict[int, list[str]], replacements
     return model
 
 
-def _build_pfa_layer(module: nn.Module, pfa_class, layer_kwargs: dict) -> nn.Module:
+def _build_pfa_layer(module: nn.Module, pfa_class, layer_kwargs: dict, device=None) -> nn.Module:
+    """The PFA layer holding `module`'s Parameters, its feedback built on `device` (default: the weight's)."""
     weight = module.weight
-    layer = pfa_class(*layer_arguments(module), device=weight.device, dtype=weight.dtype, **layer_kwargs)
+    layer = pfa_class(*layer_arguments(module), device=device or weight.device, dtype=weight.dtype, **layer_kwargs)
     layer.weight = module.weight
     layer.bias = module.bias
     layer.train(module.training)
@@ -154,7 +156,7 @@ def _build_pfa_layer(module: nn.Module, pfa_class, layer_kwargs: dict) -> nn.Mod
 
 
 def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool = False, strict: bool = False,
-            **layer_kwargs):
+            device=None, **layer_kwargs):
     """Replace every Linear/Conv1d/2d/3d in `model` (in place) by its PFA counterpart; return the model.
 
     Attention modules that use their projections' weights without calling them are replaced too, so that those
@@ -175,6 +177,11 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
     return_report=True, returns (model, [ConversionRecord, ...]): every Linear/Conv-like module, converted or
     not, with the reason. A model that already has PFA layers is refused (build a fresh model, or switch
     parametrization with pk.reparametrize). The model is untouched if the call raises.
+
+    device: where the feedback is built and the model ends up (model.to(device) after the conversion; default:
+    each layer's own device, so a model already on a GPU has its feedback built there). B and R are drawn on the
+    CPU from each layer's seed (the same values on every device); a projected layer's M = B B^T and Z_0 are
+    formed on the device, and checked there against B R before they are used (projection.check_projection).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -182,6 +189,12 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     if isinstance(exclude, str):
         exclude = (exclude,)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device must be a torch.device or a device string such as 'cuda:0'; got {device!r} "
+                             f"({error})") from None
     unknown = sorted(set(layer_kwargs) - set(_LAYER_KWARGS))
     if unknown:
         raise TypeError(f"unexpected keyword arguments {unknown}; convert accepts {_LAYER_KWARGS}")
@@ -195,7 +208,7 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
         extra = sorted(set(layer_kwargs) - {"feedback_seed"})
         if extra or exclude or return_report:
             raise TypeError(f"mode='dfa' wraps the whole model and takes only feedback_seed; got {extra or 'exclude'}")
-        return DirectFeedbackAlignment(model, layer_kwargs.get("feedback_seed"))
+        return DirectFeedbackAlignment(model if device is None else model.to(device), layer_kwargs.get("feedback_seed"))
     if "rule" in MODE_PRESETS[mode]:
         ignored = sorted(set(layer_kwargs) - set(_FIXED_RULE_KWARGS))
         if ignored:
@@ -243,7 +256,7 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
                 continue
             seed = None if base_seed is None else base_seed + layer_count
             if isinstance(module, nn.MultiheadAttention):
-                replacement = adapter.from_module(module, **layer_kwargs, feedback_seed=seed)
+                replacement = adapter.from_module(module, **layer_kwargs, feedback_seed=seed, device=device)
                 built_inside.update(id(p) for p in projections)
                 layers = [(child, layer) for child, layer in replacement.named_children()
                           if isinstance(layer, PFA_LAYERS)]
@@ -281,7 +294,7 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
             seed = None if base_seed is None else base_seed + layer_count
             layer_count += 1
             # Build every replacement before swapping any, so an error leaves the model as it was.
-            replacements[key] = _build_pfa_layer(module, pfa_class, {**layer_kwargs, "feedback_seed": seed})
+            replacements[key] = _build_pfa_layer(module, pfa_class, {**layer_kwargs, "feedback_seed": seed}, device)
             shared = f" (one layer shared by {len(names)} places)" if len(names) > 1 else ""
             caller = f", called by {called_by[key]}" if key in called_by else ""
             records += [ConversionRecord(name, layer_type, True, f"-> {pfa_class.__name__}{shared}{caller}")
@@ -291,4 +304,6 @@ def convert(model: nn.Module, mode: str = "pfa", exclude=(), return_report: bool
                          + "; ".join(refused))
 
     model = replace_modules(model, places, replacements)
+    if device is not None:
+        model.to(device)  # the weights and everything not converted; the feedback is there already
     return (model, records) if return_report else model

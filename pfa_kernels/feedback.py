@@ -445,12 +445,15 @@ class ProjectedFeedback(PFAFeedback):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Draw masks, B and R_0 from the layer's seed (the same values every time); Z_0 = M^+ B R_0."""
-        B, R = self._reset_fixed_state()
-        dtype = self._B_dtypes[-1]
-        if dtype in (torch.float32, torch.float64) and self.Z.device.type == "cpu":
-            B = self._rounded_as_held(B)  # the precision the projection works in, as a held B has it
-        Z_by_group, M, self.condition_number = projection.initial_projection(self.B_by_group(B), self.R_by_group(R),
-                                                                             self.Z.dtype)
+        B_drawn, R = self._reset_fixed_state()
+        dtype, device = self._B_dtypes[-1], self.Z.device
+        # The projection's GEMMs on the layer's device (a GPU forms a ResNet-50's M in a fraction of the CPU's
+        # time); B as a held B is rounded (float32/float64 layers), R in the precision the projection works in.
+        B = self._rounded_as_held(B_drawn) if dtype in (torch.float32, torch.float64) else B_drawn
+        work = torch.float64 if self.Z.dtype == torch.float64 else torch.float32
+        B_by_group, R_by_group = self.B_by_group(B.to(device)), self.R_by_group(R.to(work).to(device))
+        Z_by_group, M, self.condition_number = projection.initial_projection(
+            B_by_group, R_by_group, self.Z.dtype, drawn=(self.B_by_group(B_drawn), self.R_by_group(R)))
         self.Z.copy_(self.from_columns(Z_by_group))
         self._warn_if_ill_conditioned()
         if self.M is not None:

@@ -8,6 +8,7 @@ K = C_in/G * prod(kernel); the feedback classes (feedback.py) turn those into R'
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -46,21 +47,70 @@ def project_onto_feedback(B_by_group: torch.Tensor, R_by_group: torch.Tensor, wi
     return Z_by_group, null, condition
 
 
-def initial_projection(B_by_group: torch.Tensor, R_by_group: torch.Tensor, dtype: torch.dtype):
+def initial_projection(B_by_group: torch.Tensor, R_by_group: torch.Tensor, dtype: torch.dtype, drawn=None):
     """Z_0 (G, rows, K) and M (G, rows, rows) in `dtype`, and max cond(B_j), of a projected layer of `dtype` from
     its seeded B and R_0 (float64).
 
     Where the Cholesky route applies, M_j and B_j R_j are formed in the layer's precision (float32 for fp32, fp16 and
     bf16 layers), which is what the layer stores, and only the rows x rows system is solved in float64: float64
-    GEMMs took half of a ResNet-50's conversion, and M was formed twice. Elsewhere the float64 SVD."""
+    GEMMs took half of a ResNet-50's conversion, and M was formed twice. Elsewhere the float64 SVD.
+
+    drawn: (B_by_group, R_by_group) as drawn (float64, CPU) to check the result against (check_projection), before
+    it is rounded to `dtype`."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    solved = _solve_by_cholesky(B_by_group.to(work), R_by_group.to(work))
-    if solved is None:  # the SVD, in float64 (the Cholesky attempt is not repeated)
-        Z_by_group, condition = _solve_by_svd(B_by_group.double(), R_by_group.double())
-        M = projection_matrix(B_by_group.to(work))
-    else:
-        Z_by_group, condition, M = solved
+    with _full_float32_matmul():
+        solved = _solve_by_cholesky(B_by_group.to(work), R_by_group.to(work))
+        if solved is None:  # the SVD, in float64 (the Cholesky attempt is not repeated)
+            Z_by_group, condition = _solve_by_svd(B_by_group.double(), R_by_group.double())
+            M = projection_matrix(B_by_group.to(work))
+        else:
+            Z_by_group, condition, M = solved
+    if drawn is not None:
+        check_projection(*drawn, Z_by_group, M, condition, work)
     return Z_by_group.to(dtype), M.to(dtype), condition
+
+
+@contextlib.contextmanager
+def _full_float32_matmul():
+    """float32 GEMMs at full precision while a projection is formed: a user's torch.set_float32_matmul_precision
+    ("high" allows TF32 on a GPU, 10 mantissa bits) would otherwise make M = B B^T wrong by ~1e-3."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+# The residual check of a layer's initial projection: M_j Z_j = B_j R_j holds for every B (B B^T pinv(B^T) = B), so
+# up to rounding, which grows as cond(B_j)^2 through M. A faulty factorization or GEMM (an untried device) gives a
+# residual of order 1; above RESIDUAL_LIMIT rounding alone could explain it, and nothing is concluded.
+RESIDUAL_SAMPLES = 8
+RESIDUAL_LIMIT = 0.1
+
+
+def check_projection(B_by_group: torch.Tensor, R_by_group: torch.Tensor, Z_by_group: torch.Tensor, M: torch.Tensor,
+                     condition: float, work_dtype: torch.dtype) -> None:
+    """Raise if M_j Z_j and B_j R_j disagree, on up to RESIDUAL_SAMPLES evenly spaced columns, by more than rounding
+    (64 unit roundoffs of the working precision times cond(B_j)^2): a projection computed wrongly (on a device
+    whose linear algebra has not been tried) is refused, never trained with. B_by_group and R_by_group as drawn
+    (float64), Z_by_group and M as computed, on any device."""
+    columns = R_by_group.shape[-1]
+    if columns == 0 or B_by_group.numel() == 0:
+        return
+    tolerance = 64 * torch.finfo(work_dtype).eps * max(condition, 1.0) ** 2
+    if tolerance > RESIDUAL_LIMIT:
+        return
+    sample = torch.linspace(0, columns - 1, min(RESIDUAL_SAMPLES, columns)).round().long()
+    expected = B_by_group.double() @ R_by_group.double()[:, :, sample]
+    actual = M.double().cpu() @ Z_by_group[:, :, sample.to(Z_by_group.device)].double().cpu()
+    residual = ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+    if not residual <= tolerance:
+        raise RuntimeError(
+            f"pfa_kernels: the projected feedback computed on {Z_by_group.device} is wrong: M Z differs from B R by "
+            f"{residual:.3g} (relative) where rounding allows {tolerance:.3g}. Build the layer on the CPU "
+            f"(device='cpu') and move it, or use parametrization='explicit'; please report this with the output of "
+            f"`python -m pfa_kernels.check`")
 
 
 def explicit_from_projected(B_by_group: torch.Tensor, Z_by_group: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from conftest import DEVICES
 from torch import nn
 
 import pfa_kernels as pk
@@ -228,3 +229,33 @@ def test_lazy_layers_and_bad_seeds_get_clear_errors():
     with pytest.raises(TypeError, match=r"fixed-feedback rule: it takes backend and feedback_seed, not the PFA "
                                         r"arguments \['expand_ratio'\]"):
         pk.PFAConv2d(3, 4, 3, rule="fa", expand_ratio=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_convert_builds_the_feedback_on_the_device(device):
+    """pk.convert(device=...) builds every feedback tensor there and moves the model; the feedback equals the one a
+    CPU conversion builds (B and R are drawn on the CPU from the seed; M and Z_0 formed on the device), and the
+    gradients equal the literal algorithm's."""
+    def build(target):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                              nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+        return pk.convert(model, feedback_seed=4, device=target)
+
+    on_device, on_cpu = build(device), build(None)
+    tensors = [*on_device.parameters(), *on_device.buffers()]
+    assert tensors and all(t.device.type == device for t in tensors)
+    for layer, twin in zip(on_device, on_cpu, strict=True):
+        if isinstance(layer, pk.nn.PFA_LAYERS):
+            assert layer.parametrization == "projected"
+            torch.testing.assert_close(layer.feedback.M.cpu(), twin.feedback.M, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer.feedback.Z.cpu(), twin.feedback.Z, rtol=1e-4, atol=1e-5)
+            assert torch.equal(layer.feedback.B.cpu(), twin.feedback.B)
+    pk.testing.assert_matches_reference(on_device, torch.randn(2, 3, 8, 8, device=device), tolerance=1e-8)
+
+
+def test_convert_device_errors_name_the_argument():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="device must be a torch.device"):
+        pk.convert(model, device="gpu7")
+    assert type(model[0]) is nn.Linear  # untouched

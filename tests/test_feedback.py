@@ -451,3 +451,32 @@ def test_functional_projected_takes_B_none_with_M():
     torch.testing.assert_close(x.grad, grad_without_B, rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="B must be a torch.Tensor"):
         pk.functional.pfa_linear_projected(x, weight, None, None, None, Z)
+
+
+def test_a_wrong_projection_is_refused(monkeypatch):
+    """A projection whose M Z is not B R (a faulty solve on an untried device) raises instead of training."""
+    from pfa_kernels import projection
+
+    solve = projection._solve_by_cholesky
+
+    def faulty(B_by_group, R_by_group):
+        Z_by_group, condition, M = solve(B_by_group, R_by_group)
+        return Z_by_group * 1.01, condition, M
+
+    monkeypatch.setattr(projection, "_solve_by_cholesky", faulty)
+    with pytest.raises(RuntimeError, match="M Z differs from B R by 0.01"):
+        pk.PFALinear(16, 8, parametrization="projected")
+
+
+def test_the_projection_is_formed_at_full_float32_precision():
+    """torch.set_float32_matmul_precision("medium") (TF32 or bf16 GEMMs where a device has them) does not reach M:
+    the layer is the one built at "highest", and the user's setting is restored."""
+    highest = pk.PFALinear(64, 32, parametrization="projected", feedback_seed=5)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        medium = pk.PFALinear(64, 32, parametrization="projected", feedback_seed=5)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.equal(medium.feedback.M, highest.feedback.M) and torch.equal(medium.feedback.Z, highest.feedback.Z)
