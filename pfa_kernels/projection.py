@@ -18,6 +18,19 @@ import torch
 CHOLESKY_MAX_CONDITION = 1e3
 
 
+@contextlib.contextmanager
+def _full_float32_matmul():
+    """float32 GEMMs at full precision while M or a projection is formed: a user's torch.set_float32_matmul_precision
+    ("high" allows TF32 on a GPU, 10 mantissa bits) would otherwise make M = B B^T wrong by ~1e-3."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@_full_float32_matmul()
 def projection_matrix(B_by_group: torch.Tensor) -> torch.Tensor:
     """M_j = B_j B_j^T for each group j: (G, rows, rows) in B's dtype, formed in float64 for a float64 B and in float32
     otherwise: the same product whether a layer builds M at its initialisation (initial_projection) or again on load,
@@ -68,18 +81,6 @@ def initial_projection(B_by_group: torch.Tensor, R_by_group: torch.Tensor, dtype
     if drawn is not None:
         check_projection(*drawn, Z_by_group, M, condition, work)
     return Z_by_group.to(dtype), M.to(dtype), condition
-
-
-@contextlib.contextmanager
-def _full_float32_matmul():
-    """float32 GEMMs at full precision while a projection is formed: a user's torch.set_float32_matmul_precision
-    ("high" allows TF32 on a GPU, 10 mantissa bits) would otherwise make M = B B^T wrong by ~1e-3."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 # The residual check of a layer's initial projection: M_j Z_j = B_j R_j holds for every B (B B^T pinv(B^T) = B), so

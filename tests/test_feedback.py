@@ -469,14 +469,19 @@ def test_a_wrong_projection_is_refused(monkeypatch):
 
 
 def test_the_projection_is_formed_at_full_float32_precision():
-    """torch.set_float32_matmul_precision("medium") (TF32 or bf16 GEMMs where a device has them) does not reach M:
-    the layer is the one built at "highest", and the user's setting is restored."""
+    """torch.set_float32_matmul_precision("medium") (TF32 or bf16 GEMMs where a device has them) does not reach M,
+    at initialisation or when M is formed again: the layer is the one built at "highest", and the user's setting
+    is restored."""
     highest = pk.PFALinear(64, 32, parametrization="projected", feedback_seed=5)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
         medium = pk.PFALinear(64, 32, parametrization="projected", feedback_seed=5)
         assert torch.get_float32_matmul_precision() == "medium"
+        refreshed = copy.deepcopy(medium)
+        refreshed.feedback.refresh_projection_matrix()  # M formed again (on load, after .to(dtype)): also at full
+        assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(medium.feedback.M, highest.feedback.M) and torch.equal(medium.feedback.Z, highest.feedback.Z)
+    assert torch.equal(refreshed.feedback.M, highest.feedback.M)
