@@ -107,8 +107,7 @@ class PFAFeedback(nn.Module):
     @property
     def B(self) -> torch.Tensor:
         """The fixed feedback matrix, (C_out, C_mid) or (C_out, C_mid/G) grouped: held, or drawn from the seed."""
-        held = self._buffers["B_held"]
-        return held if held is not None else self._drawn_fixed_state()[0]
+        return self.fixed_B_and_mask()[0]
 
     @B.setter
     def B(self, value: torch.Tensor | None) -> None:
@@ -117,16 +116,20 @@ class PFAFeedback(nn.Module):
     @property
     def B_mask(self) -> torch.Tensor | None:
         """B's Bernoulli mask (B's shape, bool), or None without one: held with B, or drawn from the seed."""
-        if self._buffers["B_held"] is not None or feedback_densities(self.feedback_density)[0] == 1:
-            return self._buffers["B_mask_held"]
-        return self._drawn_fixed_state()[1]
+        if self._buffers["B_held"] is None and feedback_densities(self.feedback_density)[0] == 1:
+            return None  # no mask to draw
+        return self.fixed_B_and_mask()[1]
 
     @B_mask.setter
     def B_mask(self, value: torch.Tensor | None) -> None:
         self.B_mask_held = value
 
-    def _drawn_fixed_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, B's mask) drawn from the seed, B rounded as a held B would be, on the device of the learned tensor."""
+    def fixed_B_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, B's mask or None) as held, or drawn from the seed once for both where B is not held: B rounded as a
+        held B would be, on the device of the learned tensor."""
+        held = self._buffers["B_held"]
+        if held is not None:
+            return held, self._buffers["B_mask_held"]
         B, _, B_mask, _ = self._draw()
         B = self._rounded_as_held(B)
         device = self.parameter.device
@@ -158,7 +161,7 @@ class PFAFeedback(nn.Module):
         self.fixed_checksum, self.B_from_seed = other.fixed_checksum, other.B_from_seed
         self._B_dtypes = list(other._B_dtypes)
         if self._holds_B() or not other.B_from_seed:
-            self.B, self.B_mask = other.B, other.B_mask
+            self.B, self.B_mask = other.fixed_B_and_mask()
         else:
             self.B = self.B_mask = None
 
