@@ -112,11 +112,13 @@ def _auto_call(device, dtype, deterministic, grad_output_shape, weight_shape, B_
 def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrization, strategy, backend, output_mask,
                 execute):
     """Run execute(plan) with the plan of a named backend, or, for backend="auto", the dispatcher's choice."""
-    mid_channels = 0 if B is None else B.shape[1]
-    plan_args = (grad_output.shape, weight.shape, mid_channels, groups, strategy)
-    plan_kwargs = dict(output_mask=output_mask, parametrization=parametrization, keeps_projection_matrix=M is not None)
+
+    def plan_on(name, orders=None):
+        return plan_backward(grad_output.shape, weight.shape, 0 if B is None else B.shape[1], groups, strategy, name,
+                             output_mask, parametrization, M is not None, orders)
+
     if backend != "auto":
-        return execute(plan_backward(*plan_args, backend, **plan_kwargs))
+        return execute(plan_on(backend))
     call = (grad_output.device, grad_output.dtype, torch.are_deterministic_algorithms_enabled(),
             tuple(grad_output.shape), tuple(weight.shape), None if B is None else tuple(B.shape), M is not None,
             tuple(feedback.shape), tuple(tuple(v) if isinstance(v, list) else v for v in conv), groups,
@@ -131,8 +133,7 @@ def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrizati
     if dispatch.mode() == "measure":
         backends = dispatch.candidate_backends(grad_output.device.type, grad_output.dtype, parametrization,
                                                 grad_output.device)
-        candidates = [plan_backward(*plan_args, name, **plan_kwargs, orders=pair)
-                      for name in backends for pair in dispatch.order_pairs(reference, strategy)]
+        candidates = [plan_on(name, pair) for name in backends for pair in dispatch.order_pairs(reference, strategy)]
     else:
         candidates = []
     return dispatch.run(key, grad_output.device, reference, candidates, execute)
