@@ -215,3 +215,27 @@ def train_digits_rank(rank, world_size, init_file, run_dir, overrides):
         torch.distributed.barrier()  # teardown together (as in test_parametrize's DDP worker)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def assert_distributed_run_equals_single(run_dir, single_dir, single_metrics, world_size=2):
+    """A train_digits_rank run in run_dir against one process's in single_dir (its metrics: single_metrics): the
+    checkpoint's model state (tensors to 1e-5, a layer's extra state exactly), and every rank's epoch metrics (each
+    rank validates its share of the 450 digits; the counts are summed). Returns rank 0's metrics."""
+    from pfa_kernels.train import loop
+
+    distributed = torch.load(run_dir / loop.CHECKPOINT, weights_only=False)["model"]
+    single = torch.load(single_dir / loop.CHECKPOINT, weights_only=False)["model"]
+    assert distributed.keys() == single.keys()
+    for key, value in single.items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(distributed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        else:  # a layer's extra state (the seed and checksum of its fixed feedback)
+            assert distributed[key] == value, key
+    ranks = [torch.load(run_dir / f"metrics_rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    for metrics in ranks:
+        assert (metrics["val_top1"], metrics["val_top5"]) == (single_metrics["val_top1"], single_metrics["val_top5"])
+        for key in ("val_loss", "train_loss", "train_top1"):
+            assert metrics[key] == pytest.approx(single_metrics[key], rel=1e-5), key
+        assert metrics["val_samples"] == single_metrics["val_samples"] == 450
+        assert metrics["step"] == single_metrics["step"]
+    return ranks[0]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import train_digits_rank
+from conftest import assert_distributed_run_equals_single, train_digits_rank
 
 from pfa_kernels.train import config as train_config
 from pfa_kernels.train import loop, models
@@ -83,19 +83,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
                                 nprocs=2)
     single_metrics = loop.run(train_config.load("digits", [f"log.dir={tmp_path / 'single'}", *overrides]),
                               progress=False)
-    ddp = torch.load(tmp_path / "ddp" / loop.CHECKPOINT, weights_only=False)["model"]
-    single = torch.load(tmp_path / "single" / loop.CHECKPOINT, weights_only=False)["model"]
-    for key, value in single.items():
-        if torch.is_tensor(value):
-            torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=key)
-        else:  # a layer's extra state (the seed and checksum of its fixed feedback)
-            assert ddp[key] == value, key
-    for rank in range(2):
-        metrics = torch.load(tmp_path / "ddp" / f"metrics_rank{rank}.pt", weights_only=False)
-        assert (metrics["val_top1"], metrics["val_top5"]) == (single_metrics["val_top1"], single_metrics["val_top5"])
-        for key in ("val_loss", "train_loss", "train_top1"):
-            assert metrics[key] == pytest.approx(single_metrics[key], rel=1e-5), key
-        assert metrics["val_samples"] == single_metrics["val_samples"] == 450
+    assert_distributed_run_equals_single(tmp_path / "ddp", tmp_path / "single", single_metrics)
 
 
 def test_imagefolder_smoke(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import train_digits_rank
+from conftest import assert_distributed_run_equals_single, train_digits_rank
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -296,20 +296,8 @@ def test_fsdp_two_processes_equal_one(tmp_path):
                                                     [*overrides, "train.fsdp=true"]), nprocs=2)
     single_metrics = loop.run(train_config.load("digits", [f"log.dir={tmp_path / 'single'}", *overrides]),
                               progress=False)
-    sharded, single = _checkpoint(tmp_path / "fsdp")["model"], _checkpoint(tmp_path / "single")["model"]
-    assert sharded.keys() == single.keys()
-    for key, value in single.items():
-        if torch.is_tensor(value):
-            torch.testing.assert_close(sharded[key], value, rtol=1e-5, atol=1e-6, msg=key)
-        else:
-            assert sharded[key] == value, key
-    for rank in range(2):
-        metrics = torch.load(tmp_path / "fsdp" / f"metrics_rank{rank}.pt", weights_only=False)
-        assert (metrics["val_top1"], metrics["val_top5"]) == (single_metrics["val_top1"], single_metrics["val_top5"])
-        for key in ("val_loss", "train_loss", "train_top1"):
-            assert metrics[key] == pytest.approx(single_metrics[key], rel=1e-5), key
-        assert metrics["val_samples"] == 450 and metrics["step"] == 3
-    rows = torch.load(tmp_path / "fsdp" / "metrics_rank0.pt", weights_only=False)["layers"]
+    rows = assert_distributed_run_equals_single(tmp_path / "fsdp", tmp_path / "single", single_metrics)["layers"]
+    assert single_metrics["step"] == 3
     assert [row["layer"] for row in rows] == [row["layer"] for row in single_metrics["layers"]]
     for row, expected in zip(rows, single_metrics["layers"], strict=True):
         assert row["path_alignment"] == pytest.approx(expected["path_alignment"], rel=1e-5)
