@@ -46,6 +46,7 @@ from .feedback_options import (  # noqa: F401  (re-exported: the options belong 
     mid_channels_for,
 )
 from .feedback_state import STATE_FORMAT, fixed_state_checksum, load_fixed_state, loads_feedback
+from .seeded_draw import FixedDraw, SeededDraw
 
 # cond(B) above which projected feedback warns: float32 rounding in M·Z (~6e-8) may then exceed ~1e-5 relative.
 CONDITION_WARNING = 100.0
@@ -130,8 +131,8 @@ class PFAFeedback(nn.Module):
         held = self._buffers["B_held"]
         if held is not None:
             return held, self._buffers["B_mask_held"]
-        B, _, B_mask, _ = self._draw()
-        B = self._rounded_as_held(B)
+        drawn = self._draw(False, torch.float32 if self._B_dtypes[0] == torch.float32 else torch.float64)
+        B, B_mask = self._rounded_as_held(drawn.B), drawn.B_mask
         device = self.parameter.device
         return B.to(device), None if B_mask is None else B_mask.to(device)
 
@@ -232,43 +233,16 @@ class PFAFeedback(nn.Module):
                             self.columns_by_group(grad_weight_like))
         return product.reshape(self.R_shape)
 
-    def _draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """B, R_0 (float64, masked) and the masks (or None), drawn from the layer's seed."""
-        generator = torch.Generator().manual_seed(self.seed)
-        B_density, R_density = feedback_densities(self.feedback_density)
-        B = torch.empty(self.B_shape, dtype=torch.float64)
-        rows, mid_per_group = self.rows_per_group, self.mid_channels // self.groups
-        if self.feedback_init == "random":
-            # Var(B_ij) = gain^2 * 2 / (rows + C_mid_j) = 1 / C_mid_j for gain^2 = (1 + 1/r) / 2 (r = C_mid/C_out), so
-            # E[B_j B_j^T] = I; a mask keeps that by dividing the gain by sqrt(density). (Dense: nn's xavier init of
-            # the whole B, C_mid_j = C_mid, as the authors' code draws it.)
-            ratio = self.mid_channels / max(self.out_channels, 1)  # C_out = 0: B is empty, any gain
-            gain = math.sqrt((1 + 1 / ratio) / 2) / math.sqrt(B_density)
-            if self.grouped:
-                bound = gain * math.sqrt(6 / (rows + mid_per_group))
-                B.uniform_(-bound, bound, generator=generator)
-            else:
-                nn.init.xavier_uniform_(B, gain=gain, generator=generator)
-        elif self.feedback_init == "orthogonal":
-            for block in self.B_by_group(B).unbind(0) if self.grouped else (B,):
-                nn.init.orthogonal_(block, gain=1 / math.sqrt(B_density), generator=generator)
-        else:
-            B.copy_(torch.eye(rows, dtype=torch.float64).repeat(self.groups, 1) if self.grouped
-                    else torch.eye(self.out_channels, dtype=torch.float64))
-        R = torch.empty(self.R_shape, dtype=torch.float64)
-        nn.init.xavier_uniform_(R, generator=generator)
-        B_mask = R_mask = None
-        if B_density < 1:
-            B_mask = torch.rand(B.shape, generator=generator, dtype=torch.float64) < B_density
-            B.mul_(B_mask)
-        if R_density < 1:
-            R_mask = torch.rand(R.shape, generator=generator, dtype=torch.float64) < R_density
-            R.mul_(R_mask)
-        return B, R, B_mask, R_mask
+    def _draw(self, with_R: bool = True, B_dtype: torch.dtype = torch.float64) -> FixedDraw:
+        """B (in B_dtype: float64, or rounded to float32 as drawn), R_0 (float64, masked; None without with_R) and
+        the masks (or None), drawn from the layer's seed."""
+        return SeededDraw.of(self).draw(with_R, B_dtype)
 
-    def _reset_fixed_state(self):
-        """Draw B and the masks into their buffers (B where it is held); return B and R_0 (float64, CPU)."""
-        B, R, B_mask, R_mask = self._draw()
+    def _reset_fixed_state(self, with_R: bool = True) -> FixedDraw:
+        """Draw B and the masks into their buffers (B where it is held); return the draw (CPU; R_0 float64, only with
+        with_R; B float64, or float32 where that is its first rounding: _B_dtypes)."""
+        drawn = self._draw(with_R, torch.float32 if self._B_dtypes[0] == torch.float32 else torch.float64)
+        B, B_mask, R_mask = drawn.B, drawn.B_mask, drawn.R_mask
         if R_mask is not None:
             self.R_mask.copy_(R_mask)
         held = self._buffers["B_held"]
@@ -278,7 +252,7 @@ class PFAFeedback(nn.Module):
                 self.B_mask_held.copy_(B_mask)
         self.B_from_seed = True
         self.fixed_checksum = fixed_state_checksum(B, R_mask)
-        return B, R
+        return drawn
 
     def feedback_weight_for(self, weight: torch.Tensor) -> torch.Tensor:
         """W_fb (PFA's does not depend on W; the interface of baselines.FixedFeedback)."""
@@ -364,7 +338,7 @@ class ExplicitFeedback(PFAFeedback):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Draw masks, B and R_0 from the layer's seed (the same values every time)."""
-        self.R.copy_(self._reset_fixed_state()[1])
+        self.R.copy_(self._reset_fixed_state().R)
 
     def effective_R(self) -> torch.Tensor:
         """R as the layer uses it: R * R_mask with a sparse mask, else R. (C_mid, C_in/groups, *kernel)."""
@@ -447,16 +421,16 @@ class ProjectedFeedback(PFAFeedback):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Draw masks, B and R_0 from the layer's seed (the same values every time); Z_0 = M^+ B R_0."""
-        B_drawn, R = self._reset_fixed_state()
+        """Draw masks, B and R_0 from the layer's seed (the same values every time); Z_0 = M^+ B R_0, with R_0 streamed
+        in chunks (seeded_draw.py): never held whole."""
+        drawn = self._reset_fixed_state(with_R=False)
         dtype, device = self._B_dtypes[-1], self.Z.device
         # The projection's GEMMs on the layer's device (a GPU forms a ResNet-50's M in a fraction of the CPU's
         # time); B as a held B is rounded (float32/float64 layers), R in the precision the projection works in.
-        B = self._rounded_as_held(B_drawn) if dtype in (torch.float32, torch.float64) else B_drawn
-        work = torch.float64 if self.Z.dtype == torch.float64 else torch.float32
-        B_by_group, R_by_group = self.B_by_group(B.to(device)), self.R_by_group(R.to(work).to(device))
+        B = self._rounded_as_held(drawn.B) if dtype in (torch.float32, torch.float64) else drawn.B
         Z_by_group, M, self.condition_number = projection.initial_projection(
-            B_by_group, R_by_group, self.Z.dtype, drawn=(self.B_by_group(B_drawn), self.R_by_group(R)))
+            self.B_by_group(B.to(device)), SeededDraw.of(self).R_chunks(drawn.R_state), math.prod(self.R_shape[1:]),
+            self.Z.dtype, with_M=self.M is not None, drawn_B=self.B_by_group(drawn.B))
         self.Z.copy_(self.from_columns(Z_by_group))
         self._warn_if_ill_conditioned()
         if self.M is not None:
@@ -503,7 +477,7 @@ class ProjectedFeedback(PFAFeedback):
         if self.R_null is not None:
             return self.R_null.double()
         # Built projected: the null-space part of the seeded R_0 (it never affects training).
-        R_0 = self._draw()[1].to(self.Z.device)
+        R_0 = self._draw().R.to(self.Z.device)
         null = projection.project_onto_feedback(self.B_by_group(), self.R_by_group(R_0))[1]
         return null.reshape(self.R_shape)
 

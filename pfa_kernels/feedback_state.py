@@ -135,7 +135,7 @@ def load_fixed_state(feedback, own: dict, prefix: str, error_msgs: list) -> bool
         return False
     if state["seed"] != feedback.seed:
         feedback.seed = state["seed"]
-        feedback._reset_fixed_state()
+        feedback._reset_fixed_state(with_R=False)
         feedback._fixed_state_changed()
     if state.get("checksum") is not None and state["checksum"] != feedback.fixed_checksum:
         error_msgs.append(checksum_mismatch_message(name, feedback.seed, state["checksum"], feedback.fixed_checksum))
