@@ -35,9 +35,9 @@ def _full_float32_matmul():
 SYMMETRIC_BLOCK_ROWS = 256
 
 # Where cond(B_j) comes from: for more than LANCZOS_MIN_ROWS rows, the largest Ritz values of LANCZOS_STEPS Lanczos
-# steps on B_j B_j^T and on its inverse (matrix-vector products and triangular solves: 0.1 s for 2048 rows); else, or
-# where that estimate exceeds EXACT_CONDITION_ABOVE, every eigenvalue (eigvalsh: 1.4 s of a ResNet-50's conversion).
-# The estimate can only be low (Ritz values lie inside the spectrum), so it decides nothing near a threshold
+# steps on B_j B_j^T and on its inverse (float32 matrix-vector products and triangular solves); else, or where that
+# estimate exceeds EXACT_CONDITION_ABOVE, every eigenvalue (eigvalsh: 1.4 s of a ResNet-50's conversion). The
+# estimate is low if anything (Ritz values lie inside the spectrum), so it decides nothing near a threshold
 # (CHOLESKY_MAX_CONDITION, CONDITION_WARNING = 100 in feedback.py); it is within 1e-6 of the true value for a random
 # B at r >= 2 (tests/test_projection.py).
 LANCZOS_STEPS = 48
@@ -231,12 +231,16 @@ def _condition(gram: torch.Tensor, factor: torch.Tensor) -> float:
     Lanczos's estimate, or every eigenvalue where the estimate cannot settle it (see LANCZOS_STEPS)."""
     if gram.shape[1] > LANCZOS_MIN_ROWS:
         # The largest eigenvalue of gram and of its inverse (the smallest's reciprocal: each an isolated end of its
-        # spectrum, where Lanczos converges fastest; gram's own small end converged to 1% in 48 steps at r = 2).
-        largest = _lanczos_largest_eigenvalue(lambda vectors: gram @ vectors, gram, LANCZOS_STEPS)
-        # Two triangular solves: cholesky_solve took 12 ms a vector for 2048 rows, these 1.8 ms.
-        def inverse(vectors):
-            lower_solved = torch.linalg.solve_triangular(factor, vectors, upper=False)
-            return torch.linalg.solve_triangular(factor.mT, lower_solved, upper=True)
+        # spectrum, where Lanczos converges fastest; gram's own small end converged to 1% in 48 steps at r = 2). The
+        # operators in float32 (each step reads them whole: 3.5 ms a step for 2048 rows in float64), a perturbation
+        # of ~1e-7 of an estimate; the basis in float64.
+        gram32, factor32 = gram.float(), factor.float()
+        largest = _lanczos_largest_eigenvalue(lambda vectors: (gram32 @ vectors.float()).double(), gram,
+                                              LANCZOS_STEPS)
+
+        def inverse(vectors):  # two triangular solves: cholesky_solve took 12 ms a vector for 2048 rows, these 1.8 ms
+            lower_solved = torch.linalg.solve_triangular(factor32, vectors.float(), upper=False)
+            return torch.linalg.solve_triangular(factor32.mT, lower_solved, upper=True).double()
 
         inverse_largest = _lanczos_largest_eigenvalue(inverse, gram, LANCZOS_STEPS)
         if largest is not None and inverse_largest is not None:

@@ -66,14 +66,14 @@ def test_symmetric_product_is_the_product_made_symmetric(rows, dtype, tolerance)
 @pytest.mark.parametrize("rows, expand_ratio", [(300, 10), (512, 2), (400, 4)])
 def test_lanczos_condition_estimate_of_a_random_B(rows, expand_ratio):
     """For a random B (r >= 2) with more than LANCZOS_MIN_ROWS rows, cond(B) from LANCZOS_STEPS Lanczos steps on
-    B B^T and on its inverse is within 1e-6 of the exact one (every eigenvalue), and never above it."""
+    B B^T and on its inverse (float32 operators) is within 1e-6 of the exact one (every eigenvalue)."""
     B = torch.empty(2, rows, rows * expand_ratio, dtype=torch.float64).uniform_(
         -1, 1, generator=torch.Generator().manual_seed(rows))
     gram = B @ B.transpose(1, 2)
     eigenvalues = torch.linalg.eigvalsh(gram)
     exact = (eigenvalues[:, -1] / eigenvalues[:, 0]).sqrt().max().item()
     estimate = projection._condition(gram, torch.linalg.cholesky(gram))
-    assert estimate <= exact * (1 + 1e-12) and estimate == pytest.approx(exact, rel=1e-6)
+    assert estimate == pytest.approx(exact, rel=1e-6)
     steps = projection.LANCZOS_STEPS
     assert projection._lanczos_largest_eigenvalue(lambda vectors: gram @ vectors, gram, steps) == pytest.approx(
         eigenvalues[:, -1], rel=1e-6)
@@ -84,7 +84,7 @@ def test_condition_is_exact_where_the_estimate_cannot_decide():
     is replaced by the exact value."""
     identity = torch.eye(300, dtype=torch.float64).unsqueeze(0)
     assert projection._lanczos_largest_eigenvalue(lambda vectors: vectors, identity, projection.LANCZOS_STEPS) is None
-    assert projection._condition(identity, identity) == pytest.approx(1.0, abs=1e-12)
+    assert projection._condition(identity, identity) == pytest.approx(1.0, abs=1e-6)
     generator = torch.Generator().manual_seed(0)
     U = torch.linalg.qr(torch.randn(300, 300, generator=generator, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(600, 300, generator=generator, dtype=torch.float64))[0]
