@@ -247,7 +247,7 @@ class PFAFeedback(nn.Module):
             self.R_mask.copy_(R_mask)
         held = self._buffers["B_held"]
         if held is not None:
-            held.copy_(B)
+            held.copy_(self._rounded_as_held(B))  # as a B drawn where it is read (fixed_B_and_mask)
             if B_mask is not None:
                 self.B_mask_held.copy_(B_mask)
         self.B_from_seed = True
@@ -430,7 +430,7 @@ class ProjectedFeedback(PFAFeedback):
         B = self._rounded_as_held(drawn.B) if dtype in (torch.float32, torch.float64) else drawn.B
         Z_by_group, M, self.condition_number = projection.initial_projection(
             self.B_by_group(B.to(device)), SeededDraw.of(self).R_chunks(drawn.R_state), math.prod(self.R_shape[1:]),
-            self.Z.dtype, with_M=self.M is not None, drawn_B=self.B_by_group(drawn.B))
+            self.Z.dtype, with_M=self.M is not None, drawn_B=self.B_by_group(B))
         self.Z.copy_(self.from_columns(Z_by_group))
         self._warn_if_ill_conditioned()
         if self.M is not None:

@@ -36,10 +36,10 @@ SYMMETRIC_BLOCK_ROWS = 256
 
 # Where cond(B_j) comes from: for more than LANCZOS_MIN_ROWS rows, the largest Ritz values of LANCZOS_STEPS Lanczos
 # steps on B_j B_j^T and on its inverse (float32 matrix-vector products and triangular solves); else, or where that
-# estimate exceeds EXACT_CONDITION_ABOVE, every eigenvalue (eigvalsh: 1.4 s of a ResNet-50's conversion). The
-# estimate is low if anything (Ritz values lie inside the spectrum), so it decides nothing near a threshold
-# (CHOLESKY_MAX_CONDITION, CONDITION_WARNING = 100 in feedback.py); it is within 1e-6 of the true value for a random
-# B at r >= 2 (tests/test_projection.py).
+# estimate exceeds EXACT_CONDITION_ABOVE, every eigenvalue (eigvalsh: 1.4 s of a ResNet-50's conversion). Ritz
+# values lie inside the spectrum, so the estimate is low but for the float32 operators' rounding (~1e-8 either way);
+# it decides nothing near a threshold (CHOLESKY_MAX_CONDITION, CONDITION_WARNING = 100 in feedback.py) and is within
+# 1e-6 of the true value for a random B at r >= 2 (tests/test_projection.py).
 LANCZOS_STEPS = 48
 LANCZOS_MIN_ROWS = 256
 EXACT_CONDITION_ABOVE = 10.0
@@ -83,17 +83,21 @@ def product_with_R(left: torch.Tensor, R_chunks, columns: int, sample: torch.Ten
     with sample (column indices), R's sampled columns (G, C_mid/G, len(sample)) as given (for check_projection)."""
     groups, rows, mid_per_group = left.shape
     product = left.new_zeros(groups, rows, columns)
-    sampled = None if sample is None else torch.empty(groups, mid_per_group, len(sample), dtype=torch.float64)
+    sampled = None if sample is None else torch.zeros(groups, mid_per_group, len(sample), dtype=torch.float64)
     staging = None
+    covered = 0  # rows of R given, over all groups: a stream that ends early must not leave Z partly zero
     for group_slice, row_slice, values in R_chunks:
+        covered += values.shape[0] * values.shape[1]
         if sampled is not None:
             sampled[group_slice, row_slice] = values[:, :, sample]
-        if values.dtype != left.dtype or values.device != left.device:
+        if values.dtype != left.dtype:
             if staging is None or staging.numel() < values.numel():  # one reused buffer for the rounded chunks
                 staging = torch.empty(values.numel(), dtype=left.dtype)
-            # A blocking copy: the next chunk overwrites the buffer.
-            values = staging[:values.numel()].view(values.shape).copy_(values).to(left.device)
-        product[group_slice].baddbmm_(left[group_slice, :, row_slice], values)
+            values = staging[:values.numel()].view(values.shape).copy_(values)
+        # A blocking copy to another device: the next chunk overwrites the buffer.
+        product[group_slice].baddbmm_(left[group_slice, :, row_slice], values.to(left.device))
+    if columns and covered != groups * mid_per_group:  # (no columns: R is empty, and so is every chunk)
+        raise RuntimeError(f"pfa_kernels: R's chunks gave {covered} of its {groups * mid_per_group} rows")
     return product, sampled
 
 
@@ -121,8 +125,8 @@ def initial_projection(B_by_group: torch.Tensor, R_chunks, columns: int, dtype: 
     bf16 layers), which is what the layer stores, and only the rows x rows system is solved in float64: float64
     GEMMs took half of a ResNet-50's conversion. Elsewhere the float64 SVD.
 
-    drawn_B: B by group as drawn (float64, or its float32 rounding; CPU) to check the result against
-    (check_projection) before it is rounded to `dtype`."""
+    drawn_B: B by group as drawn (float64, or its float32 rounding; CPU) and rounded as B_by_group is, to check the
+    result against (check_projection) before it is rounded to `dtype`."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     sample = None if drawn_B is None else _residual_sample(columns)
     with _full_float32_matmul():
@@ -131,7 +135,7 @@ def initial_projection(B_by_group: torch.Tensor, R_chunks, columns: int, dtype: 
             M = projection_matrix(B_by_group.to(work))
     if drawn_B is not None:
         check_projection(drawn_B, R_sample, sample, Z_by_group, M, condition, work)
-    return Z_by_group.to(dtype), None if M is None else M.to(dtype), condition
+    return Z_by_group.to(dtype), M.to(dtype) if with_M else None, condition
 
 
 # The residual check of a layer's initial projection: M_j Z_j = B_j R_j holds for every B (B B^T pinv(B^T) = B), so
@@ -220,21 +224,23 @@ def _cholesky_route(B_by_group):
     factor, info = torch.linalg.cholesky_ex(gram64)
     if bool(info.any()):  # not positive definite: B_j is rank deficient
         return None
-    condition = _condition(gram64, factor)
+    condition = _condition(gram64, factor, gram.float())
     if not condition <= CHOLESKY_MAX_CONDITION:
         return None
     return factor, condition, gram if wide else None
 
 
-def _condition(gram: torch.Tensor, factor: torch.Tensor) -> float:
-    """max over j of cond(B_j) = sqrt(cond(gram_j)), gram (G, n, n) float64 positive definite with its Cholesky factor:
-    Lanczos's estimate, or every eigenvalue where the estimate cannot settle it (see LANCZOS_STEPS)."""
+@_full_float32_matmul()
+def _condition(gram: torch.Tensor, factor: torch.Tensor, gram32: torch.Tensor) -> float:
+    """max over j of cond(B_j) = sqrt(cond(gram_j)), gram (G, n, n) float64 positive definite with its Cholesky factor
+    and gram32, gram in float32: Lanczos's estimate, or every eigenvalue where the estimate cannot settle it (see
+    LANCZOS_STEPS)."""
     if gram.shape[1] > LANCZOS_MIN_ROWS:
         # The largest eigenvalue of gram and of its inverse (the smallest's reciprocal: each an isolated end of its
         # spectrum, where Lanczos converges fastest; gram's own small end converged to 1% in 48 steps at r = 2). The
         # operators in float32 (each step reads them whole: 3.5 ms a step for 2048 rows in float64), a perturbation
         # of ~1e-7 of an estimate; the basis in float64.
-        gram32, factor32 = gram.float(), factor.float()
+        factor32 = factor.float()
         largest = _lanczos_largest_eigenvalue(lambda vectors: (gram32 @ vectors.float()).double(), gram,
                                               LANCZOS_STEPS)
 
@@ -251,14 +257,19 @@ def _condition(gram: torch.Tensor, factor: torch.Tensor) -> float:
     return (eigenvalues[:, -1] / eigenvalues[:, 0]).sqrt().max().item()
 
 
+# A Lanczos step whose new direction is below this fraction of the operator's scale has closed the Krylov space
+# (up to the float32 operators' rounding, ~1e-7: B B^T = I gives 1e-8 where float64 gives 0).
+LANCZOS_BREAKDOWN = 1e-5
+
+
 def _lanczos_largest_eigenvalue(apply, like: torch.Tensor, steps: int):
     """The largest Ritz value (G,) of the symmetric operator `apply` ((G, n, 1) -> (G, n, 1), float64 like `like`
-    (G, n, n)) after `steps` Lanczos steps with full reorthogonalization from a fixed start (the same estimate every
-    time). None if the Krylov space closes first (B B^T = I: every start is an eigenvector), where the Ritz values need
-    not reach the end of the spectrum."""
+    (G, n, n)) after `steps` Lanczos steps with full reorthogonalization from a fixed start (drawn on the CPU: the
+    same estimate every time, on every device). None if the Krylov space closes first (B B^T = I: every start is an
+    eigenvector), where the Ritz values need not reach the end of the spectrum. One host sync, after the steps."""
     groups, rows, _ = like.shape
-    generator = torch.Generator(device=like.device).manual_seed(0)
-    vector = torch.randn(groups, rows, 1, generator=generator, dtype=like.dtype, device=like.device)
+    start = torch.randn(groups, rows, 1, generator=torch.Generator().manual_seed(0), dtype=like.dtype)
+    vector = start.to(like.device)
     vector = vector / vector.norm(dim=1, keepdim=True)
     basis = like.new_empty(groups, rows, steps)
     diagonal, off_diagonal = like.new_empty(groups, steps), like.new_empty(groups, steps - 1)
@@ -272,10 +283,11 @@ def _lanczos_largest_eigenvalue(apply, like: torch.Tensor, steps: int):
         if step == steps - 1:
             break
         norm = image.norm(dim=1).squeeze(1)
-        if not bool((norm > 1e-10 * diagonal[:, :step + 1].abs().amax(dim=1)).all()):
-            return None
         off_diagonal[:, step] = norm
-        vector = image / norm.view(groups, 1, 1)
+        vector = image / norm.clamp_min(torch.finfo(like.dtype).tiny).view(groups, 1, 1)
+    scale = diagonal.abs().amax(dim=1, keepdim=True)
+    if not bool((off_diagonal > LANCZOS_BREAKDOWN * scale).all()):
+        return None
     tridiagonal = torch.diag_embed(diagonal) + torch.diag_embed(off_diagonal, 1) + torch.diag_embed(off_diagonal, -1)
     return torch.linalg.eigvalsh(tridiagonal)[:, -1]
 

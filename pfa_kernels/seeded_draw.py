@@ -28,8 +28,9 @@ CHUNK_VALUES = 1 << 22
 
 @dataclass
 class FixedDraw:
-    """B (B's shape, float64, masked), R_0 (R's shape, float64, masked) or None where it was not asked for, the masks
-    (bool, or None without one), and the generator's state where R_0's values begin (for SeededDraw.R_chunks)."""
+    """B (B's shape, float64 or float32 as asked, masked), R_0 (R's shape, float64, masked) or None where it was not
+    asked for, the masks (bool, or None without one), and the generator's state where R_0's values begin (for
+    SeededDraw.R_chunks)."""
 
     B: torch.Tensor
     R: torch.Tensor | None

@@ -72,7 +72,7 @@ def test_lanczos_condition_estimate_of_a_random_B(rows, expand_ratio):
     gram = B @ B.transpose(1, 2)
     eigenvalues = torch.linalg.eigvalsh(gram)
     exact = (eigenvalues[:, -1] / eigenvalues[:, 0]).sqrt().max().item()
-    estimate = projection._condition(gram, torch.linalg.cholesky(gram))
+    estimate = projection._condition(gram, torch.linalg.cholesky(gram), gram.float())
     assert estimate == pytest.approx(exact, rel=1e-6)
     steps = projection.LANCZOS_STEPS
     assert projection._lanczos_largest_eigenvalue(lambda vectors: gram @ vectors, gram, steps) == pytest.approx(
@@ -80,17 +80,19 @@ def test_lanczos_condition_estimate_of_a_random_B(rows, expand_ratio):
 
 
 def test_condition_is_exact_where_the_estimate_cannot_decide():
-    """B B^T = I closes the Krylov space at once, and an ill-conditioned B's estimate (above EXACT_CONDITION_ABOVE)
-    is replaced by the exact value."""
+    """B B^T = I closes the Krylov space at once (also with the float32 operators, whose rounding leaves ~1e-8 of a
+    new direction): cond is every eigenvalue's, exactly 1; an ill-conditioned B's estimate (above
+    EXACT_CONDITION_ABOVE) is replaced by the exact value."""
     identity = torch.eye(300, dtype=torch.float64).unsqueeze(0)
     assert projection._lanczos_largest_eigenvalue(lambda vectors: vectors, identity, projection.LANCZOS_STEPS) is None
-    assert projection._condition(identity, identity) == pytest.approx(1.0, abs=1e-6)
+    assert projection._condition(identity, identity, identity.float()) == 1.0
     generator = torch.Generator().manual_seed(0)
     U = torch.linalg.qr(torch.randn(300, 300, generator=generator, dtype=torch.float64))[0]
     V = torch.linalg.qr(torch.randn(600, 300, generator=generator, dtype=torch.float64))[0]
     B = U @ torch.diag(torch.logspace(0, -1.7, 300, dtype=torch.float64)) @ V.T  # cond(B) = 50
     gram = (B @ B.T).unsqueeze(0)
-    assert projection._condition(gram, torch.linalg.cholesky(gram)) == pytest.approx(10 ** 1.7, rel=1e-6)
+    assert projection._condition(gram, torch.linalg.cholesky(gram), gram.float()) == pytest.approx(10 ** 1.7,
+                                                                                         rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -164,3 +166,22 @@ def test_the_projection_is_formed_at_full_float32_precision():
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(medium.feedback.M, highest.feedback.M) and torch.equal(medium.feedback.Z, highest.feedback.Z)
     assert torch.equal(refreshed.feedback.M, highest.feedback.M)
+
+
+@pytest.mark.parametrize("parametrization", ["projected", "explicit"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                    (torch.bfloat16, torch.float64), (torch.float32, torch.float64)])
+def test_reset_after_a_change_of_precision(parametrization, dtypes):
+    """reset_parameters() after .to(dtype) draws B again rounded through every dtype the layer has been held in:
+    the projection is checked against that B (not refused), and a held B equals the one drawn where it is read."""
+    built, now = dtypes
+    layer = pk.PFALinear(8, 6, parametrization=parametrization, feedback_seed=3, dtype=built).to(now)
+    twin = make_feedback(6, 8, parametrization=parametrization, seed=3, dtype=built).to(now)
+    layer.feedback.reset_parameters()
+    assert torch.equal(layer.feedback.B, twin.B)
+    held = layer.feedback._buffers["B_held"]
+    if held is not None:
+        assert torch.equal(held, layer.feedback._rounded_as_held(layer.feedback._draw().B).to(held.dtype))
+    B, R = layer.feedback.B.double(), layer.feedback._draw().R
+    tolerance = 1e-5 if now == torch.float32 else 1e-12
+    assert relative_error(layer.feedback.feedback_weight().double(), B @ R.to(now).double()) < tolerance
