@@ -9,7 +9,8 @@
 from . import baselines, dfa, dispatch, functional, metrics, planner, reference, testing
 from .attention import PFAMultiheadAttention
 from .convert import ConversionRecord, convert
-from .feedback import ExplicitFeedback, PFAFeedback, ProjectedFeedback, make_feedback
+from .feedback import ExplicitFeedback, PFAFeedback, ProjectedFeedback
+from .feedback_choice import make_feedback
 from .model_feedback import feedback_weights
 from .nn import PFAConv1d, PFAConv2d, PFAConv3d, PFALinear
 from .parametrize import check_optimizer, reparametrize

@@ -1,7 +1,8 @@
 """Feedback parametrizations: how a PFA layer forms its feedback weight W_fb and how that learns.
 
 PFA keeps a feedback population (docs/design.md §1): a fixed random B and a learned R (C_mid, C_in/groups,
-*kernel), with W_fb = B·R. One class per parametrization (docs/design.md §2.4), picked by make_feedback:
+*kernel), with W_fb = B·R. One class per parametrization (docs/design.md §2.4), picked by
+feedback_choice.make_feedback:
 
     ExplicitFeedback   R itself, a Parameter.
     ProjectedFeedback  Z, a Parameter, with W_fb_j = M_j Z_j per group j, M_j = B_j B_j^T fixed. Under SGD-family
@@ -58,7 +59,7 @@ class PFAFeedback(nn.Module):
 
     B is (C_out, C_mid), or (C_out, C_mid/G) with grouped feedback (row block j is B_j). Masked entries of R are zero
     from the start and stay zero: explicit layers use R * R_mask, so they get no gradient and no optimizer update.
-    Subclasses (ExplicitFeedback, ProjectedFeedback) hold the learned tensor; make_feedback picks one.
+    Subclasses (ExplicitFeedback, ProjectedFeedback) hold the learned tensor; feedback_choice.make_feedback picks one.
     """
 
     parametrization: str
@@ -506,43 +507,4 @@ class ProjectedFeedback(PFAFeedback):
         self.R_null = torch.empty_like(state_dict[key], device=self.Z.device) if key in state_dict else None
 
 
-_FEEDBACK_CLASSES = {"explicit": ExplicitFeedback, "projected": ProjectedFeedback}
-
-
-def _near_square_random(out_channels, in_channels_per_group, kernel_size, groups, expand_ratio, feedback_init,
-                        feedback_density, seed, feedback_groups) -> bool:
-    """Whether B_j is random and near square, 2/3 <= (C_mid/G) / rows <= 3/2, where cond(B_j) ~ (1 + s) / (1 - s),
-    s = min(r_j, 1/r_j)^(1/2), exceeds 10 and reaches the hundreds near r_j = 1 (Marchenko-Pastur): "auto" keeps
-    such a layer explicit without projecting it first (the projection of an ill-conditioned B takes the SVD)."""
-    if feedback_init != "random":
-        return False
-    rows = out_channels // groups if groups > 1 and feedback_groups == "grouped" else out_channels
-    ratio = mid_channels_for(out_channels, expand_ratio, groups) / groups / max(rows, 1)
-    return 2 / 3 <= ratio <= 3 / 2
 LIVE_PROJECTED: weakref.WeakSet = weakref.WeakSet()  # every ProjectedFeedback alive (its Z must meet SGD-family steps)
-
-
-def make_feedback(out_channels: int, in_channels_per_group: int, kernel_size: tuple[int, ...] = (), groups: int = 1,
-                  expand_ratio=10, feedback_init: str = "random", feedback_density=1.0, seed: int | None = None,
-                  device=None, dtype=None, parametrization: str = "auto",
-                  feedback_groups: str = "grouped") -> PFAFeedback:
-    """The PFA feedback module of a layer with these settings: the one place that picks the parametrization's class.
-    A layer with weight (C_out, C_in/groups, *kernel) passes out_channels = C_out, in_channels_per_group = C_in/groups.
-    """
-    check_feedback_options(feedback_init, feedback_density, parametrization, feedback_groups)
-    arguments = (out_channels, in_channels_per_group, kernel_size, groups, expand_ratio, feedback_init,
-                 feedback_density, seed)
-    options = dict(device=device, dtype=dtype, feedback_groups=feedback_groups)
-    if parametrization != "auto":
-        return _FEEDBACK_CLASSES[parametrization](*arguments, **options)
-    # "auto": projected (BP's cost at any r; exact under SGD-family optimizers, which the optimizer hook of
-    # parametrize.py enforces) unless R is masked (not exact) or B is ill-conditioned (rounding in M·Z amplified by
-    # cond(B), > 100: a random B with r near 1 per group), where it is explicit.
-    if feedback_densities(feedback_density)[1] < 1 or _near_square_random(*arguments, feedback_groups):
-        return ExplicitFeedback(*arguments, **options)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="projected feedback with an ill-conditioned B")
-        projected = ProjectedFeedback(*arguments, **options)
-    if projected.condition_number > CONDITION_WARNING:
-        return ExplicitFeedback(*arguments, **options)
-    return projected

@@ -7,7 +7,7 @@ import numbers
 
 FEEDBACK_INITS = ("random", "orthogonal", "identity")
 PARAMETRIZATIONS = ("explicit", "projected")
-# "auto": projected wherever it is exact and well conditioned (make_feedback), explicit elsewhere.
+# "auto": projected wherever it is exact and well conditioned (feedback_choice.make_feedback), explicit elsewhere.
 PARAMETRIZATION_CHOICES = ("auto", *PARAMETRIZATIONS)
 FEEDBACK_GROUPS = ("grouped", "dense")
 

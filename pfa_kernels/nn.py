@@ -34,7 +34,8 @@ from torch import nn
 
 from . import dispatch, functional, ops, planner
 from .baselines import FIXED_RULES, FixedFeedback
-from .feedback import check_feedback_options, make_feedback
+from .feedback import check_feedback_options
+from .feedback_choice import make_feedback
 
 RULES = ("pfa", *FIXED_RULES)
 

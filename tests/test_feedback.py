@@ -17,7 +17,8 @@ from conftest import same_state_entry
 import pfa_kernels as pk
 from pfa_kernels.backends import torch_ops
 from pfa_kernels.demo import small_cnn
-from pfa_kernels.feedback import make_feedback, mid_channels_for
+from pfa_kernels.feedback import mid_channels_for
+from pfa_kernels.feedback_choice import make_feedback
 
 
 def test_random_B_has_identity_second_moment():

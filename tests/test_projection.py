@@ -12,7 +12,7 @@ from conftest import relative_error
 import pfa_kernels as pk
 from pfa_kernels import projection, seeded_draw
 from pfa_kernels.backends import torch_ops
-from pfa_kernels.feedback import make_feedback
+from pfa_kernels.feedback_choice import make_feedback
 
 
 def _by_group(B, R, groups):

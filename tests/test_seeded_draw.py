@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pfa_kernels import seeded_draw
-from pfa_kernels.feedback import make_feedback
+from pfa_kernels.feedback_choice import make_feedback
 
 CASES = {  # (B's shape, R's shape, groups, grouped, C_out, C_mid)
     "linear": ((6, 60), (60, 5), 1, False, 6, 60),
