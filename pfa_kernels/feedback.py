@@ -338,8 +338,16 @@ class ExplicitFeedback(PFAFeedback):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Draw masks, B and R_0 from the layer's seed (the same values every time)."""
-        self.R.copy_(self._reset_fixed_state().R)
+        """Draw masks, B and R_0 from the layer's seed (the same values every time). R_0 goes into R in chunks
+        (seeded_draw.py) unless R is masked or not contiguous (channels_last: a reshape would copy): no float64 R_0
+        of twice R's size."""
+        if self.R_mask is not None or not self.R.is_contiguous():
+            self.R.copy_(self._reset_fixed_state().R)
+            return
+        drawn = self._reset_fixed_state(with_R=False)
+        R_by_group = self.R_by_group(self.R)
+        for group_slice, row_slice, values in SeededDraw.of(self).R_chunks(drawn.R_state):
+            R_by_group[group_slice, row_slice] = values  # rounded to R's dtype as R.copy_(R_0) would
 
     def effective_R(self) -> torch.Tensor:
         """R as the layer uses it: R * R_mask with a sparse mask, else R. (C_mid, C_in/groups, *kernel)."""

@@ -77,3 +77,26 @@ def test_a_layer_draws_through_its_seeded_draw():
                           dtype=torch.float64)
     drawn = seeded_draw.SeededDraw.of(layer).draw()
     assert torch.equal(layer._draw().B, drawn.B) and torch.equal(layer.R, drawn.R) and torch.equal(layer.B, drawn.B)
+
+
+@pytest.mark.parametrize("chunk_values", [1, 7, 1 << 22])
+@pytest.mark.parametrize("settings", [dict(), dict(groups=3, feedback_groups="grouped"),
+                                      dict(groups=3, feedback_groups="dense"), dict(feedback_density=(0.5, 1.0)),
+                                      dict(feedback_density=0.5), dict(channels_last=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_an_explicit_layer_holds_R_0_as_drawn(monkeypatch, chunk_values, settings, dtype):
+    """An explicit layer's R, filled chunk by chunk (or whole where R is masked or channels_last), is the whole
+    draw of R_0 rounded to the layer's dtype, after reset_parameters() too."""
+    monkeypatch.setattr(seeded_draw, "CHUNK_VALUES", chunk_values)
+    settings = dict(settings)
+    channels_last = settings.pop("channels_last", False)
+    layer = make_feedback(6, 2, (3, 3), parametrization="explicit", seed=5, dtype=dtype, **settings)
+    if channels_last:
+        layer = layer.to(memory_format=torch.channels_last)
+        assert not layer.R.is_contiguous()
+    expected = layer._draw().R.to(dtype)
+    assert torch.equal(layer.R, expected)
+    with torch.no_grad():
+        layer.R.zero_()
+    layer.reset_parameters()
+    assert torch.equal(layer.R, expected)
