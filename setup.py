@@ -27,7 +27,7 @@ def extension_modules():
     os.environ.setdefault("MAX_JOBS", "2")
     cuda_home = os.environ.get("CUDA_HOME")
     with_cuda = torch.version.cuda is not None and cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists()
-    sources = ["csrc/pfa_ops.cpp", "csrc/linear_sequence_cpu.cpp"]
+    sources = ["csrc/pfa_ops.cpp", "csrc/linear_sequence_cpu.cpp", "csrc/eager_linear.cpp"]
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's (C++20)
     if with_cuda:
         return [cpp_extension.CUDAExtension(

@@ -100,6 +100,9 @@ class Decision:
 
 _decisions: dict[Key, Decision] = {}
 _lock = threading.RLock()
+# Counts clear() and load(), the changes that can alter a decision once made (a new key only adds one): a layer's
+# cached fast path (eager_ticket.py) holds while it is unchanged.
+_generation = 0
 _device_names: dict[int, str] = {}
 
 
@@ -247,6 +250,11 @@ def _capturing_or_tracing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def generation() -> int:
+    """How many times the decisions have been cleared or loaded (see _generation)."""
+    return _generation
+
+
 def cached(key: Key) -> Decision | None:
     """The decision for a key, if one was measured or loaded (never in static mode)."""
     if mode() == "static":
@@ -382,8 +390,10 @@ def table() -> list[dict]:
 
 def clear() -> None:
     """Forget every decision (the next backward of each key measures again)."""
+    global _generation
     with _lock:
         _decisions.clear()
+        _generation += 1
 
 
 def versions() -> dict:
@@ -415,6 +425,7 @@ def save(path) -> int:
 def load(path) -> int:
     """Read decisions saved by save(); returns how many were loaded. A file written with other library versions
     is not used (its kernels may differ): a DispatchWarning says so and nothing is loaded."""
+    global _generation
     with open(path) as handle:
         payload = json.load(handle)
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT or "decisions" not in payload:
@@ -433,6 +444,7 @@ def load(path) -> int:
                                row["rejected"], source=f"loaded from {path}")
     with _lock:
         _decisions.update(loaded)
+        _generation += 1
     return len(loaded)
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch, functional, ops, planner
+from . import dispatch, eager_ticket, functional, ops, planner
 from .baselines import FIXED_RULES, FixedFeedback
 from .feedback import check_feedback_options
 from .feedback_choice import make_feedback
@@ -192,12 +192,20 @@ class PFALinear(_PFAMixin, nn.Linear):
         self._init_feedback(in_features, (), 1, expand_ratio, feedback_init, feedback_density, parametrization,
                             strategy, backend, feedback_seed, device, dtype, rule, feedback_groups)
 
+    _eager_ticket = None  # the call that last took the C++ eager twin, while it holds (eager_ticket.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ticket = self._eager_ticket
+        if ticket is not None and not torch.compiler.is_compiling() and ticket.admits(self, x):
+            return ticket.run(x)
         if not self._needs_pfa_backward(x):
             return F.linear(x, self.weight, self.bias)
         weight, B, M, feedback, parametrization = self._feedback_arguments()
-        return functional._linear(x, weight, self.bias, B, M, feedback, parametrization, self.strategy, self.backend,
-                                  layer_call=True)
+        output = functional._linear(x, weight, self.bias, B, M, feedback, parametrization, self.strategy,
+                                    self.backend, layer_call=True)
+        if parametrization == "projected" and M is not None and not torch.compiler.is_compiling():
+            self._eager_ticket = eager_ticket.issue(self, x, weight, B, M, feedback, parametrization)
+        return output
 
     def _meta_forward(self, x, weight):
         return F.linear(x, weight)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, planner
+from .backends import cpp as cpp_backend
 from .backends import torch_ops
 from .backends import triton as _triton_backend  # noqa: F401  (registers pfa_kernels::triton_* where they run)
 
@@ -438,10 +439,36 @@ def _eager(*tensors) -> bool:
 
 
 def apply_linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend) -> torch.Tensor:
-    """pfa_kernels::linear, or its eager twin where the op's dispatch is not needed (same results, bit for bit)."""
+    """pfa_kernels::linear, or its eager twin where the op's dispatch is not needed (same results, bit for bit): in
+    C++ (csrc/eager_linear.cpp) where _cpp_eager_order finds the PyTorch backend's measured plan, else Python."""
     if _eager(x, weight, bias, B, M, feedback):
+        order = _cpp_eager_order(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
+        if order is not None:
+            return cpp_backend.EAGER.eager_projected_linear(x, weight, bias, M, feedback, order == "sequence",
+                                                            strategy, backend)
         return _EagerLinear.apply(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
     return linear(x, weight, bias, B, M, feedback, parametrization, strategy, backend)
+
+
+def _cpp_eager_order(x, weight, bias, B, M, feedback, parametrization, strategy, backend) -> str | None:
+    """The input gradient's order ("product" or "sequence") where a call can take the C++ eager twin, else None.
+    It computes the PyTorch backend's projected linear backward with M for 2-D x, so it is taken only where the
+    backward would run that: backend and strategy "auto", and a measured decision for this call's backward that chose
+    the PyTorch backend (the first call of a shape measures in Python; static mode and the other backends stay
+    there). A 64x64 layer's forward and backward: 170 -> 154 us, 134 us with the layer's ticket (eager_ticket.py),
+    nn 94 us (bench_overhead.py)."""
+    if (cpp_backend.EAGER is None or parametrization != "projected" or M is None or x.dim() != 2
+            or strategy != "auto" or backend != "auto" or not torch.is_grad_enabled()
+            or x.numel() == 0 or weight.numel() == 0):
+        return None
+    mask = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad, feedback.requires_grad)
+    key = _auto_call(x.device, x.dtype, torch.are_deterministic_algorithms_enabled(), (x.shape[0], weight.shape[0]),
+                     tuple(weight.shape), None if B is None else tuple(B.shape), True, tuple(feedback.shape), (), 1,
+                     parametrization, strategy, mask)[0]  # the key _dispatched looks up in the backward
+    decision = dispatch.cached(key)
+    if decision is None or decision.plan.backend != "torch":
+        return None
+    return decision.plan.input_order or "product"
 
 
 def apply_conv(x, weight, bias, B, M, feedback, stride, padding, dilation, groups, parametrization, strategy,

@@ -31,6 +31,21 @@ def _load() -> Exception | None:
 
 LOAD_ERROR = _load()
 
+
+def _eager_module():
+    """The extension as a Python module (its eager_projected_linear: ops.py's C++ eager path), or None where it is
+    not built or was built without it."""
+    if LOAD_ERROR is not None:
+        return None
+    try:
+        import pfa_kernels._C as module
+    except ImportError:
+        return None
+    return module if hasattr(module, "eager_projected_linear") else None
+
+
+EAGER = _eager_module()
+
 OPS = ("cpp_feedback_product", "cpp_linear_backward", "cpp_conv_backward", "cpp_linear_sequence_input_grad")
 
 
