@@ -27,6 +27,11 @@ class EagerProjectedLinear : public torch::autograd::Function<EagerProjectedLine
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["strategy"] = strategy;
     ctx->saved_data["backend"] = backend;
+    // The gradients the Python twin's backward is asked for (its ctx.needs_input_grad, fixed here), which the
+    // backward op's dispatch key holds: the create_graph branch passes them as that twin does.
+    ctx->saved_data["mask"] = c10::List<bool>({x.requires_grad(), weight.requires_grad(),
+                                               bias.has_value() && bias->defined() && bias->requires_grad(),
+                                               Z.requires_grad()});
     return at::linear(x, weight, bias);
   }
 
@@ -44,7 +49,7 @@ class EagerProjectedLinear : public torch::autograd::Function<EagerProjectedLine
       static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("pfa_kernels::linear_backward", "");
       std::vector<c10::IValue> stack{grad_outputs[0], x, weight, c10::IValue(), M, Z, std::string("projected"),
                                      ctx->saved_data["strategy"], ctx->saved_data["backend"],
-                                     c10::List<bool>({need_x, need_w, need_b, need_z})};
+                                     ctx->saved_data["mask"]};
       op.callBoxed(&stack);  // leaves its four outputs on the stack
       grad_x = stack[0].toTensor(), grad_w = stack[1].toTensor(), grad_b = stack[2].toTensor();
       grad_z = stack[3].toTensor();

@@ -195,17 +195,29 @@ class PFALinear(_PFAMixin, nn.Linear):
     _eager_ticket = None  # the call that last took the C++ eager twin, while it holds (eager_ticket.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ticket = self._eager_ticket
-        if ticket is not None and not torch.compiler.is_compiling() and ticket.admits(self, x):
+        # Traced (torch.compile, torch.jit.trace): the op, whose autograd the tracer records; no ticket is read.
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        ticket = None if traced else self._eager_ticket
+        if ticket is not None and ticket.admits(self, x):
             return ticket.run(x)
         if not self._needs_pfa_backward(x):
             return F.linear(x, self.weight, self.bias)
         weight, B, M, feedback, parametrization = self._feedback_arguments()
         output = functional._linear(x, weight, self.bias, B, M, feedback, parametrization, self.strategy,
                                     self.backend, layer_call=True)
-        if parametrization == "projected" and M is not None and not torch.compiler.is_compiling():
-            self._eager_ticket = eager_ticket.issue(self, x, weight, B, M, feedback, parametrization)
+        if not traced and (ticket is not None or (parametrization == "projected" and M is not None)):
+            self._eager_ticket = (eager_ticket.issue(self, x, weight, B, M, feedback, parametrization)
+                                  if parametrization == "projected" and M is not None else None)
         return output
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_eager_ticket", None)  # it holds the tensors .to() / .cuda() / .double() replace
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_eager_ticket", None)  # another process's dispatch table has not measured its call
+        return state
 
     def _meta_forward(self, x, weight):
         return F.linear(x, weight)

@@ -459,7 +459,7 @@ def _cpp_eager_order(x, weight, bias, B, M, feedback, parametrization, strategy,
     nn 94 us (bench_overhead.py)."""
     if (cpp_backend.EAGER is None or parametrization != "projected" or M is None or x.dim() != 2
             or strategy != "auto" or backend != "auto" or not torch.is_grad_enabled()
-            or x.numel() == 0 or weight.numel() == 0):
+            or x.numel() == 0 or weight.numel() == 0 or torch.jit.is_tracing()):  # (the tracer sees no pybind call)
         return None
     mask = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad, feedback.requires_grad)
     key = _auto_call(x.device, x.dtype, torch.are_deterministic_algorithms_enabled(), (x.shape[0], weight.shape[0]),

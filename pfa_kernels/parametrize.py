@@ -72,6 +72,7 @@ def reparametrize(model: nn.Module, parametrization: str) -> nn.Module:
         # A new feedback module of the other parametrization (feedback.py), sharing B and the masks.
         feedback = layer.feedback
         layer.feedback = feedback.as_projected() if parametrization == "projected" else feedback.as_explicit()
+        layer.__dict__.pop("_eager_ticket", None)  # a linear layer's fast path holds the old feedback
         # An optimizer built earlier still holds `before`: check_optimizer recognises it by this mark.
         before._replaced_by_reparametrize = name
     return model

@@ -159,3 +159,66 @@ def test_create_graph_through_the_twin_refuses_a_second_derivative():
     torch.testing.assert_close(grad_x, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(RuntimeError, match="second-order gradients are not supported by PFA layers"):
         grad_x.sum().backward()
+
+
+def test_create_graph_asks_the_backward_op_for_the_forward_gradients():
+    """Under create_graph the twin passes the backward op the gradients the forward asked for (as the Python twin's
+    ctx.needs_input_grad), so it finds the decision already measured instead of measuring a new key."""
+    layer, x = _ticketed_layer()
+    keys = len(pk.dispatch.table())
+    output = layer(x)
+    assert _took_twin(output)
+    torch.autograd.grad(output.sum(), x, create_graph=True)
+    assert len(pk.dispatch.table()) == keys
+
+
+def test_layers_whose_weight_is_not_a_registered_parameter_take_the_full_path():
+    """Pruning (and parametrizations, DataParallel replicas, FSDP's flat parameters) replace the registered weight:
+    no ticket is issued (the full path may still take the twin, which differentiates the computed weight as the
+    Python twin does), and the calls raise nothing."""
+    from torch.nn.utils import prune
+
+    layer, x = _ticketed_layer()
+    prune.l1_unstructured(layer, "weight", amount=0.5)
+    for _ in range(3):
+        output = layer(x)
+        output.sum().backward()
+    assert layer._eager_ticket is None
+    assert torch.equal(output, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert layer.weight_orig.grad is not None
+
+
+def test_a_traced_layer_records_the_pfa_gradient():
+    """torch.jit.trace cannot see the C++ twin (it would record a plain linear, BP's gradient): a traced layer with
+    a ticket records the Python twin, whose backward feeds the error back through W_fb."""
+    layer, x = _ticketed_layer()
+    traced = torch.jit.trace(layer, (x,), check_trace=False)
+    grad_x, = torch.autograd.grad(traced(x).sum(), x)
+    expected = torch.ones(x.shape[0], layer.out_features).mm(layer.feedback.feedback_weight().detach())
+    torch.testing.assert_close(grad_x, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ticket_is_dropped_when_the_layer_is_moved_copied_or_reparametrized():
+    """A ticket holds the layer's tensors: .to() (which replaces M), pickling (another process has not measured the
+    call), deepcopy and pk.reparametrize drop it."""
+    import io
+
+    layer, _ = _ticketed_layer()
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=False)._eager_ticket is None
+    assert copy.deepcopy(layer)._eager_ticket is None
+    layer.double()
+    assert layer._eager_ticket is None
+    layer, _ = _ticketed_layer()
+    pk.reparametrize(layer, "explicit")
+    assert layer._eager_ticket is None
+
+
+def test_a_layer_holding_B_takes_the_full_path():
+    """A B loaded from an older checkpoint is held (and the ops get it): no ticket while it is."""
+    layer, x = _ticketed_layer()
+    layer.feedback.B = layer.feedback.B.clone()
+    output = layer(x)
+    assert layer._eager_ticket is None and not _took_twin(output)
