@@ -132,7 +132,7 @@ class PFAFeedback(nn.Module):
         held = self._buffers["B_held"]
         if held is not None:
             return held, self._buffers["B_mask_held"]
-        drawn = self._draw(False, torch.float32 if self._B_dtypes[0] == torch.float32 else torch.float64)
+        drawn = self._draw_as_held(with_R=False)
         B, B_mask = self._rounded_as_held(drawn.B), drawn.B_mask
         device = self.parameter.device
         return B.to(device), None if B_mask is None else B_mask.to(device)
@@ -239,10 +239,14 @@ class PFAFeedback(nn.Module):
         the masks (or None), drawn from the layer's seed."""
         return SeededDraw.of(self).draw(with_R, B_dtype)
 
+    def _draw_as_held(self, with_R: bool) -> FixedDraw:
+        """The draw, with B in float32 where that is its first rounding as held (_B_dtypes), else float64."""
+        return self._draw(with_R, torch.float32 if self._B_dtypes[0] == torch.float32 else torch.float64)
+
     def _reset_fixed_state(self, with_R: bool = True) -> FixedDraw:
         """Draw B and the masks into their buffers (B where it is held); return the draw (CPU; R_0 float64, only with
-        with_R; B float64, or float32 where that is its first rounding: _B_dtypes)."""
-        drawn = self._draw(with_R, torch.float32 if self._B_dtypes[0] == torch.float32 else torch.float64)
+        with_R; B as _draw_as_held gives it)."""
+        drawn = self._draw_as_held(with_R)
         B, B_mask, R_mask = drawn.B, drawn.B_mask, drawn.R_mask
         if R_mask is not None:
             self.R_mask.copy_(R_mask)

@@ -206,8 +206,7 @@ class PFALinear(_PFAMixin, nn.Linear):
         output = functional._linear(x, weight, self.bias, B, M, feedback, parametrization, self.strategy,
                                     self.backend, layer_call=True)
         if not traced and (ticket is not None or (parametrization == "projected" and M is not None)):
-            self._eager_ticket = (eager_ticket.issue(self, x, weight, B, M, feedback, parametrization)
-                                  if parametrization == "projected" and M is not None else None)
+            self._eager_ticket = eager_ticket.issue(self, x, weight, B, M, feedback, parametrization)  # or None
         return output
 
     def _apply(self, fn, recurse=True):

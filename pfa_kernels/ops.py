@@ -110,6 +110,20 @@ def _auto_call(device, dtype, deterministic, grad_output_shape, weight_shape, B_
     return key, reference
 
 
+def _auto_key_and_plan(device, dtype, grad_output_shape, weight, B, M, feedback, conv, groups, parametrization,
+                       strategy, output_mask) -> tuple[dispatch.Key, planner.Plan]:
+    """_auto_call of a backward call: the key its backward looks up (in _dispatched, and ahead of it in
+    _cpp_eager_order, which must find the same one)."""
+    call = (device, dtype, torch.are_deterministic_algorithms_enabled(), tuple(grad_output_shape),
+            tuple(weight.shape), None if B is None else tuple(B.shape), M is not None, tuple(feedback.shape),
+            tuple(tuple(v) if isinstance(v, list) else v for v in conv), groups, parametrization, strategy,
+            tuple(output_mask))
+    try:
+        return _auto_call(*call)
+    except TypeError:  # a symbolic size (torch.compile's dynamic shapes) cannot be hashed
+        return _auto_call.__wrapped__(*call)
+
+
 def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrization, strategy, backend, output_mask,
                 execute):
     """Run execute(plan) with the plan of a named backend, or, for backend="auto", the dispatcher's choice."""
@@ -120,14 +134,8 @@ def _dispatched(grad_output, weight, B, M, feedback, conv, groups, parametrizati
 
     if backend != "auto":
         return execute(plan_on(backend))
-    call = (grad_output.device, grad_output.dtype, torch.are_deterministic_algorithms_enabled(),
-            tuple(grad_output.shape), tuple(weight.shape), None if B is None else tuple(B.shape), M is not None,
-            tuple(feedback.shape), tuple(tuple(v) if isinstance(v, list) else v for v in conv), groups,
-            parametrization, strategy, tuple(output_mask))
-    try:
-        key, reference = _auto_call(*call)
-    except TypeError:  # a symbolic size (torch.compile's dynamic shapes) cannot be hashed
-        key, reference = _auto_call.__wrapped__(*call)
+    key, reference = _auto_key_and_plan(grad_output.device, grad_output.dtype, grad_output.shape, weight, B, M,
+                                        feedback, conv, groups, parametrization, strategy, output_mask)
     decision = dispatch.cached(key)  # None in static mode
     if decision is not None:  # the common case: every call after a shape's first
         return execute(decision.plan)
@@ -462,9 +470,8 @@ def _cpp_eager_order(x, weight, bias, B, M, feedback, parametrization, strategy,
             or x.numel() == 0 or weight.numel() == 0 or torch.jit.is_tracing()):  # (the tracer sees no pybind call)
         return None
     mask = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad, feedback.requires_grad)
-    key = _auto_call(x.device, x.dtype, torch.are_deterministic_algorithms_enabled(), (x.shape[0], weight.shape[0]),
-                     tuple(weight.shape), None if B is None else tuple(B.shape), True, tuple(feedback.shape), (), 1,
-                     parametrization, strategy, mask)[0]  # the key _dispatched looks up in the backward
+    key = _auto_key_and_plan(x.device, x.dtype, (x.shape[0], weight.shape[0]), weight, B, M, feedback, (), 1,
+                             parametrization, strategy, mask)[0]
     decision = dispatch.cached(key)
     if decision is None or decision.plan.backend != "torch":
         return None
