@@ -222,3 +222,23 @@ def test_a_layer_holding_B_takes_the_full_path():
     layer.feedback.B = layer.feedback.B.clone()
     output = layer(x)
     assert layer._eager_ticket is None and not _took_twin(output)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_call_through_the_ticket_matches_the_literal_algorithm(monkeypatch, bias):
+    """A float64 layer's call that takes the twin through its ticket: output and every gradient are reference.py's
+    (on the explicit twin of the layer, dL/dR = B^T dL/dZ) to 1e-12."""
+    from conftest import assert_matches_reference
+
+    from pfa_kernels import eager_ticket
+
+    torch.manual_seed(3)
+    layer = pk.PFALinear(9, 7, bias=bias, dtype=torch.float64)
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        layer(x).sum().backward()
+    runs = []
+    run = eager_ticket.EagerTicket.run
+    monkeypatch.setattr(eager_ticket.EagerTicket, "run", lambda ticket, x: runs.append(x) or run(ticket, x))
+    assert_matches_reference(layer, x, 1e-12)
+    assert len(runs) == 1  # the layer's call in it went through the ticket
