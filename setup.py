@@ -27,8 +27,11 @@ def extension_modules():
     os.environ.setdefault("MAX_JOBS", "2")
     cuda_home = os.environ.get("CUDA_HOME")
     with_cuda = torch.version.cuda is not None and cuda_home and (Path(cuda_home) / "bin" / "nvcc").exists()
-    sources = ["csrc/pfa_ops.cpp", "csrc/linear_sequence_cpu.cpp", "csrc/eager_linear.cpp"]
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's (C++20)
+    sources = ["csrc/pfa_ops.cpp", "csrc/linear_sequence_cpu.cpp", "csrc/eager_linear.cpp", "csrc/seeded_uniform.cpp",
+               "csrc/python_module.cpp"]
+    # The C++ standard is torch's (C++20). No contraction of a * b + c into a fused multiply-add where the source
+    # does not ask for one: seeded_uniform.cpp must round as torch's uniform_ does, in each of its variants.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if with_cuda:
         return [cpp_extension.CUDAExtension(
             "pfa_kernels._C", sources + ["csrc/cuda/linear_sequence.cu"],

@@ -8,6 +8,8 @@
 #include <torch/autograd.h>
 #include <torch/extension.h>
 
+#include "python_functions.h"
+
 namespace pfa_kernels {
 namespace {
 
@@ -69,16 +71,12 @@ class EagerProjectedLinear : public torch::autograd::Function<EagerProjectedLine
   }
 };
 
+}  // namespace
+
 at::Tensor eager_projected_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   const at::Tensor& M, const at::Tensor& Z, bool sequence, const std::string& strategy,
                                   const std::string& backend) {
   return EagerProjectedLinear::apply(x, weight, bias, M, Z, sequence, strategy, backend);
 }
 
-}  // namespace
 }  // namespace pfa_kernels
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("eager_projected_linear", &pfa_kernels::eager_projected_linear,
-        "pfa_kernels::linear's eager twin for a projected layer with M, 2-D x (see csrc/eager_linear.cpp)");
-}

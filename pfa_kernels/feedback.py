@@ -27,6 +27,7 @@ reset_parameters() redraws the same values. Explicit and projected layers with t
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -350,8 +351,11 @@ class ExplicitFeedback(PFAFeedback):
             return
         drawn = self._reset_fixed_state(with_R=False)
         R_by_group = self.R_by_group(self.R)
-        for group_slice, row_slice, values in SeededDraw.of(self).R_chunks(drawn.R_state):
-            R_by_group[group_slice, row_slice] = values  # rounded to R's dtype as R.copy_(R_0) would
+        # Rounded to R's dtype as R.copy_(R_0) would: float32 chunks for a float32 R, float64 for the others (a
+        # bfloat16 value rounded from float32 may not be the one rounded from float64).
+        chunk_dtype = torch.float32 if self.R.dtype == torch.float32 else torch.float64
+        for group_slice, row_slice, values in SeededDraw.of(self).R_chunks(drawn.R_state, chunk_dtype):
+            R_by_group[group_slice, row_slice] = values
 
     def effective_R(self) -> torch.Tensor:
         """R as the layer uses it: R * R_mask with a sparse mask, else R. (C_mid, C_in/groups, *kernel)."""
@@ -442,8 +446,8 @@ class ProjectedFeedback(PFAFeedback):
         # time); B as a held B is rounded (float32/float64 layers), R in the precision the projection works in.
         B = self._rounded_as_held(drawn.B) if dtype in (torch.float32, torch.float64) else drawn.B
         Z_by_group, M, self.condition_number = projection.initial_projection(
-            self.B_by_group(B.to(device)), SeededDraw.of(self).R_chunks(drawn.R_state), math.prod(self.R_shape[1:]),
-            self.Z.dtype, with_M=self.M is not None, drawn_B=self.B_by_group(B))
+            self.B_by_group(B.to(device)), functools.partial(SeededDraw.of(self).R_chunks, drawn.R_state),
+            math.prod(self.R_shape[1:]), self.Z.dtype, with_M=self.M is not None, drawn_B=self.B_by_group(B))
         self.Z.copy_(self.from_columns(Z_by_group))
         self._warn_if_ill_conditioned()
         if self.M is not None:

@@ -72,28 +72,25 @@ def projection_matrix(B_by_group: torch.Tensor) -> torch.Tensor:
 
 
 def whole(R_by_group: torch.Tensor):
-    """R_by_group (G, C_mid/G, K) as one chunk of the stream that product_with_R takes."""
-    return [(slice(0, R_by_group.shape[0]), slice(0, R_by_group.shape[1]), R_by_group)]
+    """R_by_group (G, C_mid/G, K) as one chunk of a stream that product_with_R takes (see R_chunks there)."""
+    return lambda dtype: [(slice(0, R_by_group.shape[0]), slice(0, R_by_group.shape[1]), R_by_group.to(dtype))]
 
 
 def product_with_R(left: torch.Tensor, R_chunks, columns: int, sample: torch.Tensor | None = None):
-    """left_j R_j for each group j: left (G, rows, C_mid/G) times R (G, C_mid/G, K = columns) given in chunks
-    (groups, mid rows, values (groups, mid rows, K), e.g. seeded_draw.SeededDraw.R_chunks), in left's dtype and on
-    its device; each chunk is rounded to that dtype on the CPU before it moves. Returns the product (G, rows, K) and,
-    with sample (column indices), R's sampled columns (G, C_mid/G, len(sample)) as given (for check_projection)."""
+    """left_j R_j for each group j: left (G, rows, C_mid/G) times R (G, C_mid/G, K = columns) given in chunks, in
+    left's dtype and on its device. R_chunks(dtype) gives the chunks, rounded to dtype on the CPU: (groups, mid rows,
+    values (groups, mid rows, K)), as seeded_draw.SeededDraw.R_chunks does (a float32 layer's R_0 drawn straight into
+    float32: rounding a float64 chunk took 0.5 s of a ResNet-50's conversion). Returns the product (G, rows, K) and,
+    with sample (column indices), R's sampled columns (G, C_mid/G, len(sample)) as multiplied, in float64 (for
+    check_projection)."""
     groups, rows, mid_per_group = left.shape
     product = left.new_zeros(groups, rows, columns)
     sampled = None if sample is None else torch.zeros(groups, mid_per_group, len(sample), dtype=torch.float64)
-    staging = None
     covered = 0  # rows of R given, over all groups: a stream that ends early must not leave Z partly zero
-    for group_slice, row_slice, values in R_chunks:
+    for group_slice, row_slice, values in R_chunks(left.dtype):
         covered += values.shape[0] * values.shape[1]
         if sampled is not None:
             sampled[group_slice, row_slice] = values[:, :, sample]
-        if values.dtype != left.dtype:
-            if staging is None or staging.numel() < values.numel():  # one reused buffer for the rounded chunks
-                staging = torch.empty(values.numel(), dtype=left.dtype)
-            values = staging[:values.numel()].view(values.shape).copy_(values)
         # A blocking copy to another device: the next chunk overwrites the buffer.
         product[group_slice].baddbmm_(left[group_slice, :, row_slice], values.to(left.device))
     if columns and covered != groups * mid_per_group:  # (no columns: R is empty, and so is every chunk)
@@ -118,8 +115,8 @@ def project_onto_feedback(B_by_group: torch.Tensor, R_by_group: torch.Tensor, wi
 def initial_projection(B_by_group: torch.Tensor, R_chunks, columns: int, dtype: torch.dtype, with_M: bool = True,
                        drawn_B: torch.Tensor | None = None):
     """Z_0 (G, rows, K) and M (G, rows, rows; None without with_M) in `dtype`, and max cond(B_j), of a projected
-    layer of `dtype` from its seeded B (by group, as held, on the layer's device) and R_0 (float64 chunks, see
-    product_with_R; K = columns).
+    layer of `dtype` from its seeded B (by group, as held, on the layer's device) and R_0 (R_chunks(dtype): its
+    chunks, see product_with_R; K = columns).
 
     Where the Cholesky route applies, M_j and B_j R_j are formed in the layer's precision (float32 for fp32, fp16 and
     bf16 layers), which is what the layer stores, and only the rows x rows system is solved in float64: float64
@@ -157,8 +154,9 @@ def check_projection(B_by_group: torch.Tensor, R_sample: torch.Tensor, sample: t
     """Raise if M_j Z_j and B_j R_j disagree on R's sampled columns and up to RESIDUAL_ROWS sampled rows by more than
     rounding (64 unit roundoffs of the working precision times cond(B_j)^2): a projection computed wrongly (on a
     device whose linear algebra has not been tried) is refused, never trained with. B_by_group as drawn (float64 or
-    float32), R_sample = R_0[:, :, sample] as drawn (float64), Z_by_group and M (or None: B_j (B_j^T Z_j) is used) as
-    computed, on any device. Sampled rows: B in float64 was 1.5 s of a ResNet-50's conversion."""
+    float32), R_sample = R_0[:, :, sample] as multiplied (float64; rounded to the working precision), Z_by_group and
+    M (or None: B_j (B_j^T Z_j) is used) as computed, on any device. Sampled rows: B in float64 was 1.5 s of a
+    ResNet-50's conversion."""
     if len(sample) == 0 or B_by_group.numel() == 0:
         return
     tolerance = 64 * torch.finfo(work_dtype).eps * max(condition, 1.0) ** 2

@@ -6,7 +6,8 @@ weight at r = 10, 2 GB of float64 for a ResNet-50. A projected layer reads it on
 initial projection, so it is streamed (SeededDraw.R_chunks): drawn in chunks of at most CHUNK_VALUES values into one
 reused buffer, never held whole. The chunks are the values of one draw of the whole R_0: the CPU's uniform_ takes
 one value of the stream per element, in memory order (tests/test_seeded_draw.py checks this against
-nn.init.xavier_uniform_ on the whole tensor).
+nn.init.xavier_uniform_ on the whole tensor). Every uniform value is drawn by uniform_draw.uniform_: uniform_'s values,
+faster.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import uniform_draw
 from .feedback_options import feedback_densities
 
 # 4 M float64 values (32 MB) per chunk of R_0: B_j's GEMM with a chunk keeps a few hundred rows or more of R_0
@@ -64,16 +66,16 @@ class SeededDraw:
 
     def draw(self, with_R: bool = True, B_dtype: torch.dtype = torch.float64) -> FixedDraw:
         """B, the masks and, with with_R, the whole R_0. Without it, R_0's values are passed over (in chunks) only
-        where a mask follows them in the stream. B_dtype float32: B rounded to float32 as it is drawn (in chunks: a
-        float32 layer needs no float64 B, and a fresh float64 B cost 8.5 ns a value to draw, chunks 4.4 ns)."""
+        where a mask follows them in the stream. B_dtype float32: B rounded to float32 as it is drawn (a float32 layer
+        needs no float64 B)."""
         generator = torch.Generator().manual_seed(self.seed)
         B_density, R_density = feedback_densities(self.feedback_density)
         B = self._draw_B(generator, B_dtype)
         R_state = generator.get_state()
         R = None
         if with_R:
-            R = torch.empty(self.R_shape, dtype=torch.float64)
-            nn.init.xavier_uniform_(R, generator=generator)
+            bound = _xavier_bound(self.R_shape)  # nn.init.xavier_uniform_(R) is R.uniform_(-bound, bound)
+            R = uniform_draw.uniform_(torch.empty(self.R_shape, dtype=torch.float64), -bound, bound, generator)
         elif B_density < 1 or R_density < 1:
             for _ in self._chunks(generator):
                 pass
@@ -87,14 +89,16 @@ class SeededDraw:
                 R.mul_(R_mask)
         return FixedDraw(B, R, B_mask, R_mask, R_state)
 
-    def R_chunks(self, R_state: torch.Tensor) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    def R_chunks(self, R_state: torch.Tensor, dtype: torch.dtype = torch.float64
+                 ) -> Iterator[tuple[slice, slice, torch.Tensor]]:
         """R_0 by group, (G, C_mid/G, K), in chunks: (groups, rows within each group, values (groups, rows, K),
-        float64). The values are a view of one buffer that the next chunk overwrites: use them before asking for the
-        next. Unmasked: a layer with R's mask keeps R whole (explicit). (Drawing the next chunk in a thread beside the
-        caller's GEMMs gained nothing: 10.3 s against 10.1 s for a ResNet-50, best of 3.)"""
+        drawn in float64 and rounded to `dtype`). The values are a view of one buffer that the next chunk
+        overwrites: use them before asking for the next. Unmasked: a layer with R's mask keeps R whole (explicit).
+        (Drawing the next chunk in a thread beside the caller's GEMMs gained nothing: 10.3 s against 10.1 s for a
+        ResNet-50, best of 3.)"""
         generator = torch.Generator()
         generator.set_state(R_state)
-        return self._chunks(generator)
+        return self._chunks(generator, dtype)
 
     def _chunk_layout(self):
         """(groups, rows within each group, chunk shape) of each chunk of R_0 by group, in stream order: whole groups
@@ -117,16 +121,16 @@ class SeededDraw:
                 stop = min(start + rows_per_chunk, mid_per_group)
                 yield slice(group, group + 1), slice(start, stop), (1, stop - start, columns)
 
-    def _chunks(self, generator: torch.Generator):
-        """The chunks of _chunk_layout drawn from `generator` into one reused buffer (or passed over: the caller
-        need not look at them)."""
+    def _chunks(self, generator: torch.Generator, dtype: torch.dtype = torch.float64):
+        """The chunks of _chunk_layout drawn from `generator` into one reused buffer of `dtype` (or passed over: the
+        caller need not look at them)."""
         layout = list(self._chunk_layout())
         if not layout:
             return
         bound = _xavier_bound(self.R_shape)
-        buffer = torch.empty(max(math.prod(shape) for _, _, shape in layout), dtype=torch.float64)
+        buffer = torch.empty(max(math.prod(shape) for _, _, shape in layout), dtype=dtype)
         for group_slice, row_slice, shape in layout:
-            values = buffer[:math.prod(shape)].uniform_(-bound, bound, generator=generator)
+            values = uniform_draw.uniform_(buffer[:math.prod(shape)], -bound, bound, generator)
             yield group_slice, row_slice, values.view(shape)
 
     def _draw_B(self, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -140,7 +144,7 @@ class SeededDraw:
             ratio = self.mid_channels / max(self.out_channels, 1)  # C_out = 0: B is empty, any gain
             gain = math.sqrt((1 + 1 / ratio) / 2) / math.sqrt(B_density)
             bound = gain * math.sqrt(6 / (rows + mid_per_group)) if self.grouped else _xavier_bound(B.shape, gain)
-            _fill_uniform(B, bound, generator)
+            uniform_draw.uniform_(B, -bound, bound, generator)
         elif self.feedback_init == "orthogonal":
             B = torch.empty(self.B_shape, dtype=torch.float64)
             blocks = B.reshape(self.groups, rows, mid_per_group).unbind(0) if self.grouped else (B,)
@@ -157,16 +161,3 @@ def _xavier_bound(shape: tuple[int, ...], gain: float = 1.0) -> float:
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(torch.empty(shape, device="meta"))
     std = gain * math.sqrt(2.0 / float(fan_in + fan_out))
     return math.sqrt(3.0) * std
-
-
-def _fill_uniform(target: torch.Tensor, bound: float, generator: torch.Generator) -> None:
-    """target.uniform_(-bound, bound) as drawn in float64, rounded to target's dtype (in chunks of CHUNK_VALUES
-    through one float64 buffer where that is not float64)."""
-    if target.dtype == torch.float64:
-        target.uniform_(-bound, bound, generator=generator)
-        return
-    flat = target.view(-1)
-    buffer = torch.empty(min(CHUNK_VALUES, flat.numel()), dtype=torch.float64)
-    for start in range(0, flat.numel(), CHUNK_VALUES):
-        values = buffer[:min(CHUNK_VALUES, flat.numel() - start)].uniform_(-bound, bound, generator=generator)
-        flat[start:start + values.numel()].copy_(values)

@@ -32,19 +32,21 @@ def _load() -> Exception | None:
 LOAD_ERROR = _load()
 
 
-def _eager_module():
-    """The extension as a Python module (its eager_projected_linear: ops.py's C++ eager path), or None where it is
-    not built or was built without it."""
+def _python_module():
+    """The extension as a Python module (csrc/python_module.cpp: the C++ eager path of ops.py, the seeded draw of
+    uniform_draw.py), or None where it is not built."""
     if LOAD_ERROR is not None:
         return None
     try:
         import pfa_kernels._C as module
     except ImportError:
         return None
-    return module if hasattr(module, "eager_projected_linear") else None
+    return module
 
 
-EAGER = _eager_module()
+PYTHON_MODULE = _python_module()
+# Its eager_projected_linear (ops.py's C++ eager path), or None where it was built without it.
+EAGER = PYTHON_MODULE if hasattr(PYTHON_MODULE, "eager_projected_linear") else None
 
 OPS = ("cpp_feedback_product", "cpp_linear_backward", "cpp_conv_backward", "cpp_linear_sequence_input_grad")
 
