@@ -29,7 +29,8 @@ _TRIAL_RANGE = (-0.0731, 0.0731)
 
 
 def uniform_(target: torch.Tensor, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    """target.uniform_(low, high, generator=generator) as drawn in float64, rounded to target's dtype; returns target.
+    """target.uniform_(low, high, generator=generator) as drawn in float64 (for a float64 target, what uniform_
+    draws), rounded to target's dtype; returns target.
     target: any shape, on the CPU; float64 or float32 go through the extension where a variant reproduces uniform_
     (contiguous targets); other dtypes through float64 chunks of CHUNK_VALUES values."""
     variant = chosen_variant()
@@ -39,8 +40,8 @@ def uniform_(target: torch.Tensor, low: float, high: float, generator: torch.Gen
         return target
     if target.dtype == torch.float64:
         return target.uniform_(low, high, generator=generator)
-    if not target.is_contiguous():
-        return target.copy_(torch.empty(target.shape, dtype=torch.float64).uniform_(low, high, generator=generator))
+    if not target.is_contiguous():  # (values in the order uniform_ fills target's strides: empty_like keeps them)
+        return target.copy_(torch.empty_like(target, dtype=torch.float64).uniform_(low, high, generator=generator))
     flat = target.view(-1)
     buffer = torch.empty(min(CHUNK_VALUES, flat.numel()), dtype=torch.float64)
     for start in range(0, flat.numel(), CHUNK_VALUES):

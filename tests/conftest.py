@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pfa_kernels as pk
-from pfa_kernels import projection, reference
+from pfa_kernels import projection, reference, uniform_draw
 from pfa_kernels.backends import torch_ops
 
 # Relative error bounds (norm of the difference / norm of the reference) against a float64 reference.
@@ -43,6 +43,17 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture(params=["extension", "torch"])
+def draw_route(request, monkeypatch):
+    """Seeded draws through the extension's seeded_uniform_ (where a variant reproduces uniform_ here) and through
+    torch's uniform_ itself (uniform_draw.py)."""
+    if request.param == "torch":
+        monkeypatch.setattr(uniform_draw, "chosen_variant", lambda: None)
+    elif uniform_draw.chosen_variant() is None:
+        pytest.skip(uniform_draw.route())
+    return request.param
 
 
 def same_state_entry(actual, expected) -> bool:

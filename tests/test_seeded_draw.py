@@ -1,13 +1,16 @@
 """A feedback layer's seeded draw (pfa_kernels/seeded_draw.py): R_0 in chunks is R_0 drawn whole, and B and the
-masks do not depend on whether R_0 is drawn."""
+masks do not depend on whether R_0 is drawn; each through the extension's draw and through torch's uniform_."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from pfa_kernels import seeded_draw
+from pfa_kernels import seeded_draw, uniform_draw
 from pfa_kernels.feedback_choice import make_feedback
+
+pytestmark = pytest.mark.usefixtures("draw_route")
 
 CASES = {  # (B's shape, R's shape, groups, grouped, C_out, C_mid)
     "linear": ((6, 60), (60, 5), 1, False, 6, 60),
@@ -30,23 +33,28 @@ def test_R_in_chunks_is_R_drawn_whole(monkeypatch, case, chunk_values):
     monkeypatch.setattr(seeded_draw, "CHUNK_VALUES", chunk_values)
     seeded = _seeded(case)
     drawn = seeded.draw(with_R=False)
-    whole = seeded.draw(with_R=True).R
+    generator = torch.Generator()
+    generator.set_state(drawn.R_state)
+    whole = nn.init.xavier_uniform_(torch.empty(seeded.R_shape, dtype=torch.float64), generator=generator)
+    assert torch.equal(seeded.draw(with_R=True).R, whole)
     by_group = whole.reshape(seeded.groups, seeded.mid_channels // seeded.groups, -1)
-    streamed = torch.full_like(by_group, float("nan"))
-    order = []
-    for groups, rows, values in seeded.R_chunks(drawn.R_state):
-        streamed[groups, rows] = values
-        order.append((groups.start, rows.start))
-    assert torch.equal(streamed, by_group)
-    assert order == sorted(order)
+    for dtype in (torch.float64, torch.float32):  # float32: each value rounded, as R_0.float() rounds it
+        streamed = torch.full_like(by_group, float("nan"), dtype=dtype)
+        order = []
+        for groups, rows, values in seeded.R_chunks(drawn.R_state, dtype):
+            assert values.dtype == dtype
+            streamed[groups, rows] = values
+            order.append((groups.start, rows.start))
+        assert torch.equal(streamed, by_group.to(dtype))
+        assert order == sorted(order)
 
 
 @pytest.mark.parametrize("chunk_values", [1, 7, 100, 1 << 22])
 @pytest.mark.parametrize("case", list(CASES))
 def test_B_drawn_in_float32_is_the_float64_draw_rounded(monkeypatch, case, chunk_values):
-    """B drawn in float32 (in chunks through a float64 buffer) is the float64 draw rounded, and the stream goes on
-    where it would: R_0 and the masks are the same."""
-    monkeypatch.setattr(seeded_draw, "CHUNK_VALUES", chunk_values)
+    """B drawn in float32 (by the extension, or in chunks through a float64 buffer) is the float64 draw rounded, and
+    the stream goes on where it would: R_0 and the masks are the same."""
+    monkeypatch.setattr(uniform_draw, "CHUNK_VALUES", chunk_values)
     seeded = _seeded(case, density=(0.5, 0.5))
     in_float32, in_float64 = seeded.draw(B_dtype=torch.float32), seeded.draw()
     assert in_float32.B.dtype == torch.float32 and torch.equal(in_float32.B, in_float64.B.float())
