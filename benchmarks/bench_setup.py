@@ -24,13 +24,14 @@ def _one(model_name: str, parametrization: str, steps: int) -> dict:
     import torchvision
 
     import pfa_kernels as pk
+    from pfa_kernels import uniform_draw
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, model_name)(num_classes=10)
     start = time.perf_counter()
     pk.convert(model, expand_ratio=10, parametrization=parametrization)
     row = {"model": model_name, "parametrization": parametrization, "dispatch": pk.dispatch.mode(),
-           "convert_s": round(time.perf_counter() - start, 2)}
+           "convert_s": round(time.perf_counter() - start, 2), "draw": uniform_draw.route()}
     if steps:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         images, labels = torch.randn(16, 3, 112, 112), torch.randint(0, 10, (16,))
