@@ -113,3 +113,29 @@ def test_bench_cpp_smoke():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpp.py"), "--rounds", "1"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600, check=True)
     assert result.stdout.count("batch") == 3
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "mobilenet_v3_small"])
+def test_setup_arithmetic_counts_what_a_conversion_draws_and_multiplies(model_name):
+    """bench_setup --arithmetic's counts (the figures behind a conversion's floor) are those of the layers pk.convert
+    builds: values drawn = B's and R's sizes; B_j R_j = B's size times R's columns; M as formed between its least
+    (n (n + 1) / 2 entries) and the whole product. Grouped and depthwise layers included (MobileNetV3)."""
+    import math
+
+    import bench_setup
+    import torchvision
+
+    import pfa_kernels as pk
+
+    counts = bench_setup._arithmetic(model_name)
+    model = pk.convert(getattr(torchvision.models, model_name)(), expand_ratio=10, parametrization="explicit")
+    drawn = BR = M_whole = 0
+    for module in model.modules():
+        if isinstance(module, (pk.PFALinear, pk.PFAConv2d)):
+            feedback = module.feedback
+            columns = math.prod(feedback.R_shape[1:])
+            drawn += feedback.B.numel() + feedback.R.numel()
+            BR += feedback.B.numel() * columns
+            M_whole += feedback.groups * feedback.rows_per_group ** 2 * feedback.B_by_group().shape[2]
+    assert counts["drawn"] == drawn and counts["BR"] == BR
+    assert counts["M_least"] <= counts["M"] <= M_whole and counts["M_least"] > M_whole // 2 > 0
