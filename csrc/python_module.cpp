@@ -1,5 +1,5 @@
-// The extension's Python module (pfa_kernels._C as imported): the functions of python_functions.h. The GIL is
-// released while they run.
+// The extension's Python module (pfa_kernels._C as imported): the functions of python_functions.h. seeded_uniform_
+// releases the GIL while it draws (it holds the generator's own lock); the eager twin keeps it (autograd records).
 #include <torch/extension.h>
 
 #include "python_functions.h"

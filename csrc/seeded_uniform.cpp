@@ -14,6 +14,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -98,6 +100,7 @@ __attribute__((always_inline)) inline void fill(at::mt19937_data_pod& pod, Value
   pod.next_ = uint32_t(next);
 }
 
+#if defined(__x86_64__)  // (GCC elsewhere refuses an x86 target attribute: the baseline alone is built there)
 template <typename Value>
 __attribute__((target("avx2,fma"))) void fill_avx2_fused(at::mt19937_data_pod& pod, Value* out, int64_t count,
                                                          double low, double high) {
@@ -109,6 +112,7 @@ __attribute__((target("avx2"))) void fill_avx2(at::mt19937_data_pod& pod, Value*
                                                double high) {
   fill<false>(pod, out, count, low, high);
 }
+#endif
 
 template <typename Value>
 void fill_baseline(at::mt19937_data_pod& pod, Value* out, int64_t count, double low, double high) {
@@ -118,13 +122,11 @@ void fill_baseline(at::mt19937_data_pod& pod, Value* out, int64_t count, double 
 template <typename Value>
 void fill_variant(const std::string& variant, at::mt19937_data_pod& pod, Value* out, int64_t count, double low,
                   double high) {
-  if (variant == "avx2+fma") {
-    fill_avx2_fused(pod, out, count, low, high);
-  } else if (variant == "avx2") {
-    fill_avx2(pod, out, count, low, high);
-  } else {
-    fill_baseline(pod, out, count, low, high);
-  }
+#if defined(__x86_64__)
+  if (variant == "avx2+fma") return fill_avx2_fused(pod, out, count, low, high);
+  if (variant == "avx2") return fill_avx2(pod, out, count, low, high);
+#endif
+  fill_baseline(pod, out, count, low, high);
 }
 
 }  // namespace
@@ -146,7 +148,11 @@ void seeded_uniform_(at::Tensor& out, double low, double high, const at::Generat
                   (out.scalar_type() == at::kDouble || out.scalar_type() == at::kFloat),
               "seeded_uniform_: out must be a contiguous CPU float64 or float32 tensor, got ", out.scalar_type(),
               " on ", out.device());
-  TORCH_CHECK(low <= high, "seeded_uniform_: low (", low, ") must not exceed high (", high, ")");
+  // uniform_'s own checks: finite bounds whose difference is a finite double.
+  TORCH_CHECK(std::isfinite(low) && std::isfinite(high) && low <= high &&
+                  high - low <= std::numeric_limits<double>::max(),
+              "seeded_uniform_: low (", low, ") and high (", high, ") must be finite, low <= high, with a finite "
+              "difference");
   const auto variants = seeded_uniform_variants();
   TORCH_CHECK(std::find(variants.begin(), variants.end(), variant) != variants.end(),
               "seeded_uniform_: variant '", variant, "' does not run on this CPU");
@@ -161,6 +167,7 @@ void seeded_uniform_(at::Tensor& out, double low, double high, const at::Generat
   }
   engine.set_data(pod);
   cpu_generator->set_engine(engine);
+  out.unsafeGetTensorImpl()->bump_version();  // an in-place write, as uniform_'s: autograd's saved-tensor check
 }
 
 }  // namespace pfa_kernels

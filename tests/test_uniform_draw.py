@@ -4,6 +4,7 @@ a variant that does not reproduce it is never used."""
 
 from __future__ import annotations
 
+import math
 import platform
 
 import pytest
@@ -129,8 +130,19 @@ def test_seeded_uniform_refuses_a_target_it_cannot_fill(out, message):
 
 
 @needs_extension
+def test_seeded_uniform_counts_as_an_in_place_write():
+    """The draw bumps the target's version counter as uniform_ does: autograd sees a saved tensor overwritten."""
+    target = torch.empty(3, dtype=torch.float64)
+    MODULE.seeded_uniform_(target, 0.0, 1.0, torch.Generator(), "baseline")
+    assert target._version == torch.empty(3, dtype=torch.float64).uniform_(0.0, 1.0)._version == 1
+
+
+@needs_extension
 def test_seeded_uniform_refuses_bad_bounds_and_variants():
-    with pytest.raises(RuntimeError, match=r"low \(1\) must not exceed high \(0\)"):
-        MODULE.seeded_uniform_(torch.empty(4, dtype=torch.float64), 1.0, 0.0, torch.Generator(), "baseline")
+    for low, high in [(1.0, 0.0), (-math.inf, 0.0), (0.0, math.nan), (-1e308, 1e308)]:
+        with pytest.raises(RuntimeError, match=r"low \(.*\) and high \(.*\) must be finite, low <= high"):
+            MODULE.seeded_uniform_(torch.empty(4, dtype=torch.float64), low, high, torch.Generator(), "baseline")
+        with pytest.raises(RuntimeError):  # as uniform_ refuses them
+            torch.empty(4, dtype=torch.float64).uniform_(low, high)
     with pytest.raises(RuntimeError, match="variant 'sse9' does not run on this CPU"):
         MODULE.seeded_uniform_(torch.empty(4, dtype=torch.float64), 0.0, 1.0, torch.Generator(), "sse9")
