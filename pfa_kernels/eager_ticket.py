@@ -25,11 +25,12 @@ from .backends import cpp as cpp_backend
 class EagerTicket:
     """What held when a layer's call took the C++ twin, and the input gradient's order it ran with."""
 
-    __slots__ = ("x_shape", "dtype", "device", "weight", "weight_shape", "bias", "feedback", "M", "Z",
+    __slots__ = ("x_shape", "dtype", "device", "device_type", "weight", "weight_shape", "bias", "feedback", "M", "Z",
                  "requires_grad", "strategy", "backend", "deterministic", "generation", "sequence")
 
     def __init__(self, layer, x: torch.Tensor, weight, bias, feedback, M, Z, order: str):
         self.x_shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self.device_type = x.device.type  # (device.type took 5 us inside a training step)
         self.weight, self.weight_shape, self.bias, self.feedback, self.M, self.Z = (weight, weight.shape, bias,
                                                                                    feedback, M, Z)
         self.requires_grad = _requires_grad(weight, bias, Z)
@@ -53,7 +54,7 @@ class EagerTicket:
                 and self.Z.dtype is self.dtype and self.Z.device == self.device and self.M.dtype is self.dtype
                 and _requires_grad(weight, self.bias, self.Z) == self.requires_grad
                 and layer.strategy == self.strategy and layer.backend == self.backend
-                and not torch.is_autocast_enabled(self.device.type)
+                and not torch.is_autocast_enabled(self.device_type)
                 and torch.are_deterministic_algorithms_enabled() == self.deterministic
                 and dispatch.generation() == self.generation and dispatch.mode() == "measure")
 

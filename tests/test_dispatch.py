@@ -125,6 +125,22 @@ def test_static_mode_measures_nothing(monkeypatch):
         _run(kernels)
 
 
+def test_the_mode_follows_every_change_of_the_environment(monkeypatch):
+    """dispatch.mode() reads os.environ's entries directly (and remembers what each valid entry means): each change,
+    back and forth, and a bad value every time it is set, are seen at the next call."""
+    for value, expected in [("static", "static"), ("measure", "measure"), (None, "measure"), ("static", "static"),
+                            ("", "measure"), ("fastest", None), ("static", "static"), ("fastest", None)]:
+        if value is None:
+            monkeypatch.delenv("PFA_KERNELS_DISPATCH", raising=False)
+        else:
+            monkeypatch.setenv("PFA_KERNELS_DISPATCH", value)  # (os.environ[...] = value, restored afterwards)
+        if expected is None:
+            with pytest.raises(ValueError, match="PFA_KERNELS_DISPATCH must be one of .* got 'fastest'"):
+                dispatch.mode()
+        else:
+            assert dispatch.mode() == expected, value
+
+
 def test_nothing_is_measured_while_tracing(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     kernels = FakeKernels({"torch": (0.0, 1.0), "fast": (0.0, 1.0)})
