@@ -191,23 +191,27 @@ def nondeterministic(plan: Plan, device_type: str, op: str) -> bool:
 # os.environ's own mapping, read without its Mapping methods: os.environ.get cost 6.5 us inside a 64x64 layer's
 # training step (0.8 us timed alone), and every ticketed call (eager_ticket.py) reads the mode. The same entries:
 # os.environ[...] = ... and monkeypatch.setenv write there. Elsewhere than CPython's os._Environ, os.environ.get.
-_ENVIRON_ENTRIES = getattr(os.environ, "_data", None)
-_MODE_KEY = os.environ.encodekey("PFA_KERNELS_DISPATCH") if hasattr(os.environ, "encodekey") else None
-_MODE_BY_ENTRY = {None: "measure"}
+_ENVIRON_ENTRIES = os.environ._data if all(hasattr(os.environ, name) for name in ("_data", "encodekey",
+                                                                                  "decodevalue")) else None
+_MODE_KEY = os.environ.encodekey("PFA_KERNELS_DISPATCH") if _ENVIRON_ENTRIES is not None else None
+_MODE_BY_ENTRY: dict = {}  # the raw entry (None: unset) -> its mode, for the valid ones
 
 
 def mode() -> str:
     """"measure" (the default) or "static", from PFA_KERNELS_DISPATCH (read at every call)."""
-    if _ENVIRON_ENTRIES is not None and _MODE_KEY is not None:
-        entry = _ENVIRON_ENTRIES.get(_MODE_KEY)
-        known = _MODE_BY_ENTRY.get(entry)
-        if known is not None:
-            return known
-    value = os.environ.get("PFA_KERNELS_DISPATCH", "") or "measure"
+    if _ENVIRON_ENTRIES is None:
+        return _checked_mode(os.environ.get("PFA_KERNELS_DISPATCH", ""))
+    entry = _ENVIRON_ENTRIES.get(_MODE_KEY)
+    known = _MODE_BY_ENTRY.get(entry)
+    if known is None:
+        known = _MODE_BY_ENTRY[entry] = _checked_mode("" if entry is None else os.environ.decodevalue(entry))
+    return known
+
+
+def _checked_mode(value: str) -> str:
+    value = value or "measure"
     if value not in MODES:
         raise ValueError(f"PFA_KERNELS_DISPATCH must be one of {MODES} (or unset); got {value!r}")
-    if _ENVIRON_ENTRIES is not None and _MODE_KEY is not None:
-        _MODE_BY_ENTRY[_ENVIRON_ENTRIES.get(_MODE_KEY)] = value
     return value
 
 
