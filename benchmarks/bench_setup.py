@@ -73,10 +73,8 @@ def _arithmetic(model_name: str, expand_ratio: float = 10) -> dict:
         mid_per_group = mid_channels_for(spec.out_channels, expand_ratio, groups) // groups
         rows = spec.out_channels // groups if groups > 1 else spec.out_channels  # grouped feedback for groups > 1
         columns = spec.in_channels // groups * math.prod(spec.kernel_size or (1,))
-        block = max(projection.SYMMETRIC_BLOCK_ROWS, rows // 8)  # as projection.symmetric_product blocks M
-        starts = range(0, rows, block)
-        lower = sum(min(block, rows - start) * min(start + block, rows) for start in starts) if rows > block else \
-            rows * rows
+        lower = sum((row_block.stop - row_block.start) * (column_block.stop - column_block.start)
+                    for row_block, column_block in projection.symmetric_blocks(rows))
         M_macs += count * groups * lower * mid_per_group
         M_least += count * groups * rows * (rows + 1) // 2 * mid_per_group
         BR_macs += count * groups * rows * mid_per_group * columns

@@ -45,19 +45,25 @@ LANCZOS_MIN_ROWS = 256
 EXACT_CONDITION_ABOVE = 10.0
 
 
-def symmetric_product(A: torch.Tensor) -> torch.Tensor:
-    """A_j A_j^T for each j of A (G, n, k): (G, n, n), exactly symmetric, from the blocks on and below the diagonal
-    only (n / SYMMETRIC_BLOCK_ROWS blocks a side: 10 of 16 block GEMMs for n = 1024, 36 of 64 for 2048)."""
-    groups, rows, _ = A.shape
+def symmetric_blocks(rows: int) -> list[tuple[slice, slice]]:
+    """The (rows, columns) blocks on and below the diagonal that symmetric_product forms for an n = rows square
+    product, each within 0..rows (n / SYMMETRIC_BLOCK_ROWS blocks a side: 10 of 16 for n = 1024, 36 of 64 for 2048;
+    one block, the whole product, up to SYMMETRIC_BLOCK_ROWS, empty for none)."""
     block = max(SYMMETRIC_BLOCK_ROWS, rows // 8)
-    if rows <= block:
+    return [(slice(start, min(start + block, rows)), slice(other, min(other + block, rows)))
+            for start in range(0, rows, block) for other in range(0, start + 1, block)] or [(slice(0, 0),) * 2]
+
+
+def symmetric_product(A: torch.Tensor) -> torch.Tensor:
+    """A_j A_j^T for each j of A (G, n, k): (G, n, n), exactly symmetric, from symmetric_blocks(n) only."""
+    groups, rows, _ = A.shape
+    blocks = symmetric_blocks(rows)
+    if len(blocks) == 1:
         product = torch.bmm(A, A.transpose(1, 2))
     else:
         product = A.new_empty(groups, rows, rows)
-        for start in range(0, rows, block):
-            for other in range(0, start + 1, block):
-                product[:, start:start + block, other:other + block] = torch.bmm(
-                    A[:, start:start + block], A[:, other:other + block].transpose(1, 2))
+        for row_block, column_block in blocks:
+            product[:, row_block, column_block] = torch.bmm(A[:, row_block], A[:, column_block].transpose(1, 2))
     lower = product.tril()
     return lower + lower.tril(-1).transpose(1, 2)
 
