@@ -132,10 +132,11 @@ def initial_projection(B_by_group: torch.Tensor, R_chunks, columns: int, dtype: 
     result against (check_projection) before it is rounded to `dtype`."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     sample = None if drawn_B is None else _residual_sample(columns)
+    B_work = B_by_group.to(work)  # (the SVD route forms M from it as well)
     with _full_float32_matmul():
-        Z_by_group, condition, M, R_sample = _project(B_by_group.to(work), R_chunks, columns, sample)
+        Z_by_group, condition, M, R_sample = _project(B_work, R_chunks, columns, sample)
         if M is None and with_M:
-            M = projection_matrix(B_by_group.to(work))
+            M = projection_matrix(B_work)
     if drawn_B is not None:
         check_projection(drawn_B, R_sample, sample, Z_by_group, M, condition, work)
     return Z_by_group.to(dtype), M.to(dtype) if with_M else None, condition
