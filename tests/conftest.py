@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -214,6 +215,20 @@ def build(case, dtype=torch.float64, **feedback):
     return layer, nn_class, kwargs, torch.randn(input_shape, dtype=dtype)
 
 
+@contextlib.contextmanager
+def distributed_worker_teardown():
+    """The end of a torch.multiprocessing.spawn worker's distributed work: after the body, a barrier (no rank closes
+    its connections while its peer still reads from them); the process group destroyed in any case; and, when the
+    body succeeded, the process ended without Python's finalization (leave_distributed_worker). An exception still
+    propagates, so spawn reports it."""
+    try:
+        yield
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+    leave_distributed_worker()
+
+
 def leave_distributed_worker():
     """End a torch.multiprocessing.spawn worker once its results are saved and its process group destroyed, skipping
     Python's finalization.
@@ -239,14 +254,10 @@ def train_digits_rank(rank, world_size, init_file, run_dir, overrides):
     from pfa_kernels.train import loop
 
     config = train_config.load("digits", [f"log.dir={run_dir}", *overrides])
-    try:
+    with distributed_worker_teardown():
         metrics = loop.run(config, rank=rank, world_size=world_size, init_method=f"file://{init_file}",
                            progress=False)
         torch.save(metrics, f"{run_dir}/metrics_rank{rank}.pt")
-        torch.distributed.barrier()  # no rank closes its connections while its peer still reads from them
-    finally:
-        torch.distributed.destroy_process_group()
-    leave_distributed_worker()
 
 
 def assert_distributed_run_equals_single(run_dir, single_dir, single_metrics, world_size=2):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import leave_distributed_worker, relative_error
+from conftest import distributed_worker_teardown, relative_error
 from torch import nn
 
 import pfa_kernels as pk
@@ -50,7 +50,7 @@ def _fsdp_worker(rank, init_file, result_file, parametrization):
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with distributed_worker_teardown():
         model = _model(parametrization)
         for layer in (model.conv, model.attention, model.hidden, model.head):
             fully_shard(layer)
@@ -62,10 +62,6 @@ def _fsdp_worker(rank, init_file, result_file, parametrization):
                  for key, value in model.state_dict().items()}
         if rank == 0:
             torch.save(state, result_file)
-        dist.barrier()  # no rank closes its connections while its peer still reads from them
-    finally:
-        dist.destroy_process_group()
-    leave_distributed_worker()  # not through Python's finalization, where gloo's threads can abort it
 
 
 @pytest.mark.parametrize("parametrization", ["explicit", "projected"])

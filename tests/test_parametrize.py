@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import leave_distributed_worker, relative_error, same_state_entry
+from conftest import distributed_worker_teardown, relative_error, same_state_entry
 from torch import nn
 
 import pfa_kernels as pk
@@ -218,7 +218,7 @@ def _ddp_worker(rank, world_size, init_file, result_file):
 
     inputs, labels = _ddp_batch()  # drawn here, not sent: no tensors through spawn's shared-memory channel
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with distributed_worker_teardown():
         model = nn.parallel.DistributedDataParallel(pk.reparametrize(_small_cnn(), "projected"))
         optimizer = _sgd(model.module)
         shard = slice(rank * len(inputs) // world_size, (rank + 1) * len(inputs) // world_size)
@@ -228,10 +228,6 @@ def _ddp_worker(rank, world_size, init_file, result_file):
             optimizer.step()
         if rank == 0:
             torch.save(model.module.state_dict(), result_file)
-        dist.barrier()  # no rank closes its connections while its peer still reads from them
-    finally:
-        dist.destroy_process_group()
-    leave_distributed_worker()  # not through Python's finalization, where gloo's threads can abort it
 
 
 def test_projected_ddp_equals_one_process(tmp_path):
